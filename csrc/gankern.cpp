@@ -1,0 +1,23 @@
+// The extension module gankern._C.
+// Importing it runs the static registrations of every op (TORCH_LIBRARY_FRAGMENT in
+// csrc/<op>.cpp, kernels in csrc/cpu/<op>.cpp and csrc/cuda/<op>_glue.cpp).
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+#include "gankern/common.h"
+
+// The library itself; each op adds its schemas with TORCH_LIBRARY_FRAGMENT(gankern, m).
+TORCH_LIBRARY(gankern, m) {}
+
+PYBIND11_MODULE(_C, mod) {
+  mod.doc() = "gankern compiled kernels (CPU always; CUDA when built against a CUDA torch)";
+#ifdef GANKERN_WITH_CUDA
+  mod.attr("with_cuda") = true;
+#else
+  mod.attr("with_cuda") = false;
+#endif
+  mod.def("_set_poison", [](bool on) { gankern::poison_flag() = on; },
+          "Fill kernel outputs with NaN before writing them (tests only).");
+  mod.def("_get_poison", []() { return gankern::poison_flag().load(); });
+  mod.def("parallel_info", []() { return at::get_parallel_info(); });
+}

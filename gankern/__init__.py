@@ -1,0 +1,35 @@
+"""gankern: fused GAN kernels for PyTorch.
+
+Functional ops (each takes ``backend=None``: "auto", "cpp", "cuda", "triton", "reference"):
+    bce_with_logits, batch_norm_relu, linear_leaky_relu
+Layers: ``gankern.nn``; model conversion: ``gankern.fuse`` / ``gankern.unfuse``;
+what can run here: ``gankern.backends()``.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ._backends import BackendUnavailableError, backends
+from ._backends import load_extension as _load_extension
+
+_load_extension()  # registers the compiled ops if the extension is built (no compilation here)
+
+from .ops.bce import bce_with_logits  # noqa: E402
+from .ops.batch_norm_relu import batch_norm_relu  # noqa: E402
+from .ops.linear_leaky_relu import linear_leaky_relu  # noqa: E402
+from . import nn  # noqa: E402
+from .fuse import fuse, unfuse  # noqa: E402
+
+__all__ = ["bce_with_logits", "batch_norm_relu", "linear_leaky_relu", "backends", "fuse", "unfuse",
+           "nn", "BackendUnavailableError", "__version__"]
+
+
+def _warn_if_missing():
+    import warnings
+    from ._backends import _ext_error
+    if _ext_error is not None:
+        warnings.warn(f"gankern: {_ext_error}. The 'reference' (and 'triton', where it can run) "
+                      "backends are used instead; see gankern.backends().", RuntimeWarning, stacklevel=3)
+
+
+_warn_if_missing()

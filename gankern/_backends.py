@@ -1,0 +1,168 @@
+"""Which backends exist on this machine, why the others do not, and which one a call uses.
+
+Nothing here compiles anything.  The compiled extension ``gankern._C`` is imported the
+first time it is needed (``load_extension``); Triton is only probed with
+``importlib.util.find_spec`` until a Triton kernel actually runs.
+
+Backends
+--------
+``cpp``        the compiled extension's CPU kernels (CPU tensors)
+``cuda``       the compiled extension's CUDA kernels (CUDA tensors)
+``triton``     Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``)
+``reference``  plain PyTorch (any device)
+``auto``       CUDA tensors -> triton, else cuda; CPU tensors -> cpp, else reference
+
+An explicitly requested backend that cannot run raises a ``BackendUnavailableError``
+that says why.  ``auto`` never fails: when its first choice is missing it warns once
+(naming the reason) and uses the next one.  ``GANKERN_BACKEND`` overrides the default
+(``backend=None``) for every call.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("cpp", "cuda", "triton", "reference")
+_CHOICES = BACKENDS + ("auto",)
+
+_ext = None
+_ext_error: str | None = None
+_ext_tried = False
+_warned: set = set()
+_resolved: dict = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when a backend that was asked for by name cannot run the call."""
+
+
+def load_extension():
+    """Import gankern._C once; return it, or None (the reason is kept for ``backends()``)."""
+    global _ext, _ext_error, _ext_tried
+    if not _ext_tried:
+        _ext_tried = True
+        try:
+            _ext = importlib.import_module("gankern._C")
+        except ImportError as e:  # not built, or built against another torch
+            _ext_error = (f"the compiled extension gankern._C could not be imported ({e}); "
+                          "build it with `pip install --no-build-isolation .` (or tools/build_inplace.sh)")
+    return _ext
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _reasons() -> dict:
+    """backend -> None if available, else the reason it is not."""
+    ext = load_extension()
+    out = {"reference": None}
+    out["cpp"] = None if ext is not None else _ext_error
+    if ext is None:
+        out["cuda"] = _ext_error
+    elif not ext.with_cuda:
+        out["cuda"] = ("gankern._C was built without CUDA kernels "
+                       f"(torch {torch.__version__} is {'a CPU build' if torch.version.cuda is None else 'a CUDA build, but nvcc was not found at build time'})")
+    elif not torch.cuda.is_available():
+        out["cuda"] = "no CUDA device is visible (torch.cuda.is_available() is False)"
+    else:
+        out["cuda"] = None
+    if importlib.util.find_spec("triton") is None:
+        out["triton"] = "the triton package is not installed (pip install triton)"
+    elif torch.cuda.is_available():
+        out["triton"] = None
+    elif _triton_interpret():
+        out["triton"] = None  # interpreter on CPU tensors
+    else:
+        out["triton"] = "no CUDA device, and TRITON_INTERPRET=1 is not set (needed to run Triton kernels on CPU tensors)"
+    return out
+
+
+def backends() -> dict:
+    """Every backend -> {"available": bool, "reason": str|None, "devices": [...]}."""
+    devices = {"cpp": ["cpu"], "cuda": ["cuda"], "triton": ["cuda", "cpu (TRITON_INTERPRET=1)"],
+               "reference": ["cpu", "cuda"]}
+    return {name: {"available": why is None, "reason": why, "devices": devices[name]}
+            for name, why in _reasons().items()}
+
+
+def _warn_once(key, msg):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def _resolve_uncached(backend: str, device_type: str) -> str:
+    if backend not in _CHOICES:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, _CHOICES))} or None; got {backend!r}")
+    reasons = _reasons()
+    if backend == "auto":
+        order = ("triton", "cuda", "reference") if device_type == "cuda" else ("cpp", "reference")
+        for i, cand in enumerate(order):
+            if reasons[cand] is None:
+                return cand
+            _warn_once(("auto", cand, device_type),
+                       f"gankern: backend {cand!r} is unavailable for {device_type} tensors "
+                       f"({reasons[cand]}); using {order[i + 1]!r} instead")
+        return "reference"
+    if reasons[backend] is not None:
+        raise BackendUnavailableError(f"gankern backend {backend!r} is unavailable: {reasons[backend]}")
+    if backend == "cpp" and device_type != "cpu":
+        raise BackendUnavailableError(f"backend 'cpp' runs on CPU tensors; got {device_type} tensors (use 'cuda' or 'triton')")
+    if backend == "cuda" and device_type != "cuda":
+        raise BackendUnavailableError(f"backend 'cuda' runs on CUDA tensors; got {device_type} tensors (use 'cpp')")
+    if backend == "triton" and device_type not in ("cuda", "cpu"):
+        raise BackendUnavailableError(f"backend 'triton' runs on CUDA tensors; got {device_type} tensors")
+    if backend == "triton" and device_type == "cpu" and not _triton_interpret():
+        raise BackendUnavailableError("backend 'triton' got CPU tensors: set TRITON_INTERPRET=1 before importing "
+                                      "triton to run the kernels in Triton's interpreter, or use a CUDA tensor")
+    return backend
+
+
+def select(backend: str | None, tensor: torch.Tensor) -> str:
+    """The backend a call runs on: cheap (cached per (request, device type))."""
+    if backend is None:
+        backend = _DEFAULT
+    key = (backend, tensor.device.type)
+    try:
+        return _resolved[key]
+    except KeyError:
+        pass
+    got = _resolve_uncached(backend, tensor.device.type)
+    _resolved[key] = got
+    return got
+
+
+_DEFAULT = os.environ.get("GANKERN_BACKEND") or "auto"
+
+
+def reset():
+    """Forget cached decisions and re-read GANKERN_BACKEND (after changing the environment in a process)."""
+    global _DEFAULT
+    _DEFAULT = os.environ.get("GANKERN_BACKEND") or "auto"
+    _resolved.clear()
+    _warned.clear()
+
+
+def set_poison(on: bool) -> None:
+    """Tests only: kernels fill their outputs with NaN before writing them."""
+    global POISON
+    POISON = bool(on)
+    ext = load_extension()
+    if ext is not None:
+        ext._set_poison(POISON)
+
+
+POISON = False
+
+
+def new_empty(shape, *, dtype, device, like: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.empty for kernel outputs (Triton launchers); NaN-filled when poisoning is on."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if POISON and t.numel():
+        t.fill_(float("nan") if t.is_floating_point() else -1)
+    return t

@@ -1,0 +1,1 @@
+"""PLACEHOLDER (foundation commit): drop-in layers land with the layers issue."""

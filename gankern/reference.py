@@ -1,0 +1,26 @@
+"""Each op in plain PyTorch: the ``reference`` backend, and the ground truth the tests
+compare against (run in float64).  Any device, any dtype, autograd (incl. double
+backward) from PyTorch itself."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def bce_with_logits(input, target, weight=None, reduction="mean", pos_weight=None):
+    """binary_cross_entropy_with_logits; ``target`` may be a Python float."""
+    if not isinstance(target, torch.Tensor):
+        target = torch.full_like(input, float(target))
+    return F.binary_cross_entropy_with_logits(input, target, weight=weight, reduction=reduction,
+                                              pos_weight=pos_weight)
+
+
+def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, training=False,
+                    momentum=0.1, eps=1e-5):
+    """relu(batch_norm(...)); running stats updated in place in training mode, as torch does."""
+    return F.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))
+
+
+def linear_leaky_relu(input, weight, bias=None, negative_slope=0.2):
+    """leaky_relu(linear(input, weight, bias), negative_slope)."""
+    return F.leaky_relu(F.linear(input, weight, bias), negative_slope)

@@ -1,0 +1,35 @@
+"""The one place where test tolerances live.
+
+Every numerical test computes the expected value with PyTorch in float64 from the same
+inputs, then compares the backend's result (upcast to float64) with ``assert_close``
+below.  Tolerances depend only on the dtype the op computed in (and, for reductions /
+GEMMs, a ``scale`` argument the test passes when the error grows with a length).
+"""
+import math
+
+import torch
+
+TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-9),
+    torch.float32: dict(atol=1e-5, rtol=1e-4),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+}
+
+
+def tol(dtype, scale=1.0):
+    """Tolerances for ``dtype``; ``scale`` widens them for long reductions (e.g. sqrt(K))."""
+    t = TOL[dtype]
+    return dict(atol=t["atol"] * scale, rtol=t["rtol"] * scale)
+
+
+def assert_close(actual, expected64, dtype=None, scale=1.0, name="output"):
+    """Compare against a float64 expectation.  NaN/Inf must match exactly in position."""
+    dtype = dtype or actual.dtype
+    assert actual.shape == expected64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
+    torch.testing.assert_close(actual.detach().double(), expected64.detach().double(), equal_nan=True,
+                               msg=lambda m: f"{name} ({dtype}): {m}", **tol(dtype, scale))
+
+
+def sqrt_scale(n):
+    return max(1.0, math.sqrt(n) / 4)
