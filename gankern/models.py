@@ -126,7 +126,7 @@ def _dcgan_init(m):
             nn.init.normal_(mod.weight, 0.0, 0.02)
             if mod.bias is not None:
                 nn.init.zeros_(mod.bias)
-        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        elif isinstance(mod, nn.modules.batchnorm._NormBase) and mod.weight is not None:
             nn.init.normal_(mod.weight, 1.0, 0.02)
             nn.init.zeros_(mod.bias)
 

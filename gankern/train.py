@@ -208,7 +208,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [""]
+        msg = next((ln for ln in lines if "Unsupported global" in ln), lines[0])
         raise CheckpointError(f"{path}: cannot be read as a gankern checkpoint (truncated, corrupt, or not a torch file "
                               f"holding only tensors and plain containers): {type(e).__name__}: {msg[:300]}") from e
     if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
@@ -400,14 +401,14 @@ def train(cfg: TrainConfig, explicit: set | None = None) -> dict:
                                   "continue it, or choose another --out")
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(dict(cfg.to_dict(), image_shape=list(data.image_shape), device_used=str(device),
-                       gankern_version=__version__, torch_version=torch.__version__), f, indent=2)
+                       gankern_version=__version__, torch_version=str(torch.__version__)), f, indent=2)
 
     fixed_z_seed = cfg.seed + 7
     sample_g = ema_model if ema_model is not None else G
 
     def save_ckpt(step):
         obj = {"format": CKPT_FORMAT, "format_version": CKPT_VERSION, "gankern_version": __version__,
-               "torch_version": torch.__version__, "step": step, "config": cfg.to_dict(),
+               "torch_version": str(torch.__version__), "step": step, "config": cfg.to_dict(),
                "image_shape": list(data.image_shape),
                "G": G.state_dict(), "D": D.state_dict(), "G_ema": ema_model.state_dict() if ema_model is not None else None,
                "ema_updates": step_fn.ema_updates(),
