@@ -67,6 +67,9 @@ def _cmd_train(args):
         cfg.demo = True
     for k, v in given.items():
         setattr(cfg, k, v)
+    if args.demo and "out" not in given and not cfg.resume:
+        from .train import free_run_dir
+        cfg.out = free_run_dir(cfg.out)  # re-running the demo never clashes with an earlier demo run
     if cfg.backend == "auto":
         cfg.backend = None
     _check_positive(cfg)

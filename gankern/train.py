@@ -77,6 +77,21 @@ DEMO = dict(model="mlp", dataset="digits", steps=3000, batch_size=64, lr=2e-4, b
             real_label=1.0, ema=0.0, sample_every=500, ckpt_every=1000, out="runs/demo")
 
 
+EVAL_NOISE_SEED = 0
+
+
+def free_run_dir(base):
+    """``base`` if it holds no run yet, else the first free ``base-2``, ``base-3``, ..."""
+    def used(d):
+        return os.path.exists(os.path.join(d, "metrics.jsonl")) or bool(list_checkpoints(d))
+    if not used(base):
+        return base
+    i = 2
+    while used(f"{base}-{i}"):
+        i += 1
+    return f"{base}-{i}"
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, or not a gankern checkpoint."""
 
@@ -333,12 +348,11 @@ class _Log:
             print(*a, flush=True)
 
 
-def _apply_resume(cfg: TrainConfig, explicit: set, out):
+def _latest_checkpoint(out):
     ckpts = list_checkpoints(out)
     if not ckpts:
         raise CheckpointError(f"--resume: no checkpoint (ckpt_XXXXXXXX.pt) found in {out!r}")
-    path = ckpts[-1][1]
-    return path
+    return ckpts[-1][1]
 
 
 def train(cfg: TrainConfig, explicit: set | None = None) -> dict:
@@ -350,7 +364,7 @@ def train(cfg: TrainConfig, explicit: set | None = None) -> dict:
     os.makedirs(out, exist_ok=True)
     ckpt = None
     if cfg.resume:
-        path = _apply_resume(cfg, explicit, out)
+        path = _latest_checkpoint(out)
         ckpt = load_checkpoint(path, map_location=device)
         saved = ckpt["config"]
         clash = [k for k in LOCKED if k in explicit and saved.get(k) != getattr(cfg, k)]
@@ -436,7 +450,8 @@ def train(cfg: TrainConfig, explicit: set | None = None) -> dict:
         from .metrics import QualityMetric
         if quality is None:
             quality = QualityMetric(data, seed=0, device=device)
-        return quality.evaluate(generate(sample_g, quality.n, cfg.z_dim, device, cfg.seed + 11))
+        # noise seed 0, as `gankern eval` (default --seed 0): both print the same numbers for a checkpoint
+        return quality.evaluate(generate(sample_g, quality.n, cfg.z_dim, device, EVAL_NOISE_SEED))
 
     total = cfg.steps
     if start >= total:

@@ -35,7 +35,7 @@ def test_python_dash_m():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    rc = main(["train", "--steps", "12", "--batch-size", "16", "--out", str(out), "--no-eval", "--quiet",
+    rc = main(["train", "--steps", "12", "--batch-size", "16", "--out", str(out), "--quiet",
                "--sample-every", "0", "--device", "cpu", "--ema", "0.9"])
     assert rc == 0
     return out
@@ -59,6 +59,18 @@ def test_eval(tiny_run, capsys):
     m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert m["step"] == 12 and m["fd"] > 0 and m["fd_floor"] > 0 and 0 <= m["classes_covered"] <= 10
     assert len(m["class_hist"]) == 10 and abs(sum(m["class_hist"]) - 1) < 1e-3
+    # the trainer's final metric (same generator, noise seed and classifier) is reproduced exactly
+    final = json.load(open(tiny_run / "final_metrics.json"))["quality"]
+    assert final["fd"] == m["fd"] and final["class_hist"] == m["class_hist"]
+
+
+def test_demo_picks_a_free_folder(tmp_path):
+    from gankern.train import free_run_dir
+    base = str(tmp_path / "demo")
+    assert free_run_dir(base) == base
+    os.makedirs(base)
+    open(os.path.join(base, "metrics.jsonl"), "w").close()
+    assert free_run_dir(base) == base + "-2"
 
 
 def test_errors(tmp_path, capsys):
