@@ -73,8 +73,8 @@ class TrainConfig:
 LOCKED = ("model", "dataset", "batch_size", "lr", "lr_d", "beta1", "beta2", "z_dim", "seed", "real_label", "ema")
 
 # The README demo: MLP GAN on the bundled 8x8 digits, fused kernels, CPU.
-DEMO = dict(model="mlp", dataset="digits", steps=3000, batch_size=64, lr=2e-4, beta1=0.5, beta2=0.999, z_dim=64,
-            real_label=1.0, ema=0.0, sample_every=500, ckpt_every=1000, out="runs/demo")
+DEMO = dict(model="mlp", dataset="digits", steps=9000, batch_size=64, lr=2e-4, beta1=0.5, beta2=0.999, z_dim=64,
+            real_label=0.9, ema=0.999, sample_every=1000, ckpt_every=3000, out="runs/demo")
 
 
 EVAL_NOISE_SEED = 0

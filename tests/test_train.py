@@ -148,3 +148,12 @@ def test_train_step_freezes_d_and_reuses_fake(monkeypatch):
     assert all(not p.requires_grad for p in D.parameters())
     assert torch.isfinite(ld) and torch.isfinite(lg) and dr.shape == df.shape == (4, 1)
     assert opt_g.param_groups[0]["fused"] and opt_d.param_groups[0]["betas"] == (0.5, 0.999)
+
+
+def test_time_steps_fused_and_plain():
+    from gankern.data import load_dataset
+    data = load_dataset("digits")
+    c = TrainConfig(batch_size=8)
+    for fused in (True, False):
+        t = T.time_steps(c, data, torch.device("cpu"), fused=fused, steps=2, warmup=1, rounds=1)
+        assert 0 < t < 10
