@@ -1,1 +1,211 @@
-"""PLACEHOLDER (foundation commit): drop-in layers land with the layers issue."""
+"""Drop-in layers built on gankern's fused functional ops.
+
+=====================================  =============================================  ==========================
+gankern module                         replaces                                       functional op
+=====================================  =============================================  ==========================
+``LinearLeakyReLU``                    ``nn.Linear`` -> ``nn.LeakyReLU``              ``gankern.linear_leaky_relu``
+``BatchNormReLU1d`` / ``2d``           ``nn.BatchNorm1d/2d`` -> ``nn.ReLU``           ``gankern.batch_norm_relu``
+``BCEWithLogitsLoss``                  ``nn.BCEWithLogitsLoss``                       ``gankern.bce_with_logits``
+=====================================  =============================================  ==========================
+
+Each module has exactly the parameters, buffers, initialisation (``reset_parameters``) and
+``state_dict`` keys/metadata of the torch module it replaces, so checkpoints load both ways with
+``strict=True``.  Every module takes ``backend=None`` (a plain attribute, passed to the functional
+op; ``None`` = the default selection, see ``gankern.backends()``).
+
+Deliberately, ``LinearLeakyReLU`` is *not* an ``nn.Linear`` subclass and ``BatchNormReLU*`` are
+*not* ``_BatchNorm`` subclasses (they derive from ``_NormBase``, like torch's BatchNorm/InstanceNorm
+base): code that finds ``nn.Linear`` / ``_BatchNorm`` by ``isinstance`` and rewrites them
+(``nn.SyncBatchNorm.convert_sync_batchnorm``, LoRA wrappers, quantization) would otherwise silently
+drop the fused activation.
+
+Autocast mirrors torch: ``LinearLeakyReLU`` runs in the autocast dtype (like ``nn.Linear``);
+``BatchNormReLU*`` takes a reduced-precision input with float32 parameters/statistics, computes the
+statistics in float32 and returns the input's dtype (like ``nn.BatchNorm``); ``BCEWithLogitsLoss``
+runs in float32 (like ``F.binary_cross_entropy_with_logits``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.nn import Module, Parameter, init
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.loss import _Loss
+
+from .ops.batch_norm_relu import batch_norm_relu as _batch_norm_relu
+from .ops.bce import bce_with_logits as _bce_with_logits
+from .ops.linear_leaky_relu import linear_leaky_relu as _linear_leaky_relu
+
+__all__ = ["LinearLeakyReLU", "BatchNormReLU1d", "BatchNormReLU2d", "BCEWithLogitsLoss"]
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _autocast_cast(t, dtype):
+    # torch's autocast casts floating tensors except float64 ("eligible" tensors).
+    if t is not None and t.is_floating_point() and t.dtype != dtype and t.dtype != torch.float64:
+        return t.to(dtype)
+    return t
+
+
+class LinearLeakyReLU(Module):
+    r"""``leaky_relu(linear(input, weight, bias), negative_slope)`` in one fused op.
+
+    Same arguments, parameters (``weight`` of shape ``(out_features, in_features)``, ``bias``),
+    initialisation and state_dict as ``nn.Linear``, plus ``negative_slope`` (default 0.2, the GAN
+    discriminator's; note ``nn.LeakyReLU`` defaults to 0.01) and ``backend``.
+    Input ``(*, in_features)`` -> output ``(*, out_features)``.
+    """
+
+    __constants__ = ["in_features", "out_features", "negative_slope"]
+    in_features: int
+    out_features: int
+    negative_slope: float
+    weight: Tensor
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, negative_slope: float = 0.2,
+                 device=None, dtype=None, *, backend: str | None = None) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.negative_slope = negative_slope
+        self.backend = backend
+        self.weight = Parameter(torch.empty((out_features, in_features), **factory_kwargs))
+        if bias:
+            self.bias = Parameter(torch.empty(out_features, **factory_kwargs))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """As ``nn.Linear.reset_parameters``: kaiming_uniform(a=sqrt(5)) weight, U(+-1/sqrt(fan_in)) bias."""
+        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in, _ = init._calculate_fan_in_and_fan_out(self.weight)
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input: Tensor) -> Tensor:
+        weight, bias = self.weight, self.bias
+        dev = input.device.type
+        if torch.is_autocast_enabled(dev):  # as nn.Linear: run in the autocast dtype
+            dt = torch.get_autocast_dtype(dev)
+            input, weight, bias = _autocast_cast(input, dt), _autocast_cast(weight, dt), _autocast_cast(bias, dt)
+        return _linear_leaky_relu(input, weight, bias, self.negative_slope, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        s = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+             f"negative_slope={self.negative_slope}")
+        if self.backend is not None:
+            s += f", backend={self.backend!r}"
+        return s
+
+
+class _BatchNormReLU(_NormBase):
+    """``relu(batch_norm(input))``; the forward mirrors ``torch.nn.modules.batchnorm._BatchNorm.forward``."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 backend: str | None = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         bias=bias)
+        self.backend = backend
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+
+        # Same bookkeeping as torch's _BatchNorm.forward (incl. momentum=None: cumulative average).
+        if self.momentum is None:
+            exponential_average_factor = 0.0
+        else:
+            exponential_average_factor = self.momentum
+        if self.training and self.track_running_stats:
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:
+                    exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+                else:
+                    exponential_average_factor = self.momentum
+
+        if self.training:
+            bn_training = True
+        else:
+            bn_training = (self.running_mean is None) and (self.running_var is None)
+        running_mean = self.running_mean if not self.training or self.track_running_stats else None
+        running_var = self.running_var if not self.training or self.track_running_stats else None
+
+        # Mixed precision (autocast's reduced-precision activations, float32 module): like nn.BatchNorm,
+        # statistics and normalisation in the parameters' float32, output in the input's dtype.
+        ref = self.weight if self.weight is not None else self.running_mean
+        if ref is not None and input.dtype in _LOW and ref.dtype == torch.float32:
+            out = _batch_norm_relu(input.float(), running_mean, running_var, self.weight, self.bias, bn_training,
+                                   exponential_average_factor, self.eps, backend=self.backend)
+            return out.to(input.dtype)
+        return _batch_norm_relu(input, running_mean, running_var, self.weight, self.bias, bn_training,
+                                exponential_average_factor, self.eps, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self.backend is not None:
+            s += f", backend={self.backend!r}"
+        return s
+
+
+class BatchNormReLU1d(_BatchNormReLU):
+    r"""``nn.BatchNorm1d`` followed by ``nn.ReLU``, fused.  Input ``(N, C)`` or ``(N, C, L)``.
+
+    Same arguments (incl. ``momentum=None`` = cumulative moving average, ``affine``,
+    ``track_running_stats``, keyword ``bias``), parameters, buffers (``running_mean``,
+    ``running_var``, ``num_batches_tracked``), initialisation, state_dict (version 2) and
+    input checks as ``nn.BatchNorm1d``.
+    """
+
+    def _check_input_dim(self, input):
+        if input.dim() != 2 and input.dim() != 3:
+            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+
+
+class BatchNormReLU2d(_BatchNormReLU):
+    r"""``nn.BatchNorm2d`` followed by ``nn.ReLU``, fused.  Input ``(N, C, H, W)``.
+
+    Same arguments, parameters, buffers, initialisation, state_dict and input checks as ``nn.BatchNorm2d``.
+    """
+
+    def _check_input_dim(self, input):
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+
+class BCEWithLogitsLoss(_Loss):
+    r"""Drop-in ``nn.BCEWithLogitsLoss`` on ``gankern.bce_with_logits``.
+
+    Same arguments (in torch's order, incl. the deprecated ``size_average``/``reduce``), the same
+    buffers ``weight`` and ``pos_weight`` (in the state_dict when given).  ``target`` may also be a
+    Python number (e.g. ``1.0`` for "real"), which avoids materialising a ones/zeros tensor.
+    """
+
+    def __init__(self, weight: Tensor | None = None, size_average=None, reduce=None, reduction: str = "mean",
+                 pos_weight: Tensor | None = None, *, backend: str | None = None) -> None:
+        super().__init__(size_average, reduce, reduction)
+        self.register_buffer("weight", weight)
+        self.register_buffer("pos_weight", pos_weight)
+        self.weight: Tensor | None
+        self.pos_weight: Tensor | None
+        self.backend = backend
+
+    def forward(self, input: Tensor, target) -> Tensor:
+        weight, pos_weight = self.weight, self.pos_weight
+        dev = input.device.type
+        if torch.is_autocast_enabled(dev):  # as F.binary_cross_entropy_with_logits: float32 under autocast
+            f32 = torch.float32
+            input, weight, pos_weight = _autocast_cast(input, f32), _autocast_cast(weight, f32), \
+                _autocast_cast(pos_weight, f32)
+            if isinstance(target, Tensor):
+                target = _autocast_cast(target, f32)
+        return _bce_with_logits(input, target, weight, self.reduction, pos_weight, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return "" if self.backend is None else f"backend={self.backend!r}"

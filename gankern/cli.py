@@ -1,0 +1,258 @@
+"""Command line: ``gankern train | sample | eval | bench | info`` (also ``python -m gankern ...``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+_TRAIN_HELP = """Train a GAN (MLP or DCGAN) with gankern's fused layers.
+
+Examples:
+  gankern train --demo                         # MLP GAN on the bundled 8x8 digits, ~2 min on 2 CPU cores
+  gankern train --dataset mnist --data-dir ~/data/mnist --steps 20000 --out runs/mnist
+  gankern train --out runs/mnist --steps 40000 --resume   # continue that run to 40000 steps
+"""
+
+
+def _train_parser(sub):
+    p = sub.add_parser("train", help="train a GAN", description=_TRAIN_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Defaults are None so a --resume can tell what was given explicitly (see TrainConfig for defaults).
+    a = p.add_argument
+    a("--model", choices=["mlp", "dcgan"], default=None, help="architecture (default: mlp)")
+    a("--dataset", choices=["digits", "mnist", "fashion-mnist"], default=None,
+      help="digits = scikit-learn's bundled 8x8 digits; mnist / fashion-mnist are read from --data-dir (default: digits)")
+    a("--data-dir", default=None, help="folder with train-images-idx3-ubyte[.gz] + train-labels-idx1-ubyte[.gz] or an .npz")
+    a("--steps", type=int, default=None, help="total number of training steps (default: 2000; --demo: %d)" % 9000)
+    a("--batch-size", type=int, default=None, help="batch size (default: 64)")
+    a("--lr", type=float, default=None, help="Adam learning rate (default: 2e-4)")
+    a("--lr-d", type=float, default=None, help="discriminator learning rate (default: --lr)")
+    a("--beta1", type=float, default=None, help="Adam beta1 (default: 0.5)")
+    a("--beta2", type=float, default=None, help="Adam beta2 (default: 0.999)")
+    a("--z-dim", type=int, default=None, help="latent size (default: 64)")
+    a("--seed", type=int, default=None, help="random seed; same seed + same machine = same losses (default: 0)")
+    a("--device", default=None, help="auto (CUDA when present), cpu, cuda, cuda:1 ... (default: auto)")
+    a("--backend", choices=["auto", "cpp", "cuda", "triton", "reference"], default=None,
+      help="gankern backend for the fused layers (default: auto)")
+    a("--out", default=None, help="run folder (default: runs/gan; --demo: runs/demo)")
+    a("--resume", action="store_true", default=None, help="continue the run in --out from its newest checkpoint")
+    a("--real-label", type=float, default=None, help="target for real images; 0.9 = one-sided label smoothing (default: 1.0)")
+    a("--ema", type=float, nargs="?", const=0.999, default=None,
+      help="keep an exponential moving average of the generator (decay, default 0.999 when given); samples/eval use it")
+    a("--keep", type=int, default=None, help="keep the newest K checkpoints (default: 3)")
+    a("--sample-every", type=int, default=None, help="write a sample grid every N steps (0: only at the end; default: 500)")
+    a("--ckpt-every", type=int, default=None, help="checkpoint every N steps (0: only at the end; default: 1000)")
+    a("--eval-every", type=int, default=None, help="quality metric every N steps (0: only at the end; default: 0)")
+    a("--log-every", type=int, default=None, help="metrics.jsonl line every N steps (default: 50)")
+    a("--no-eval", dest="final_eval", action="store_false", default=None, help="skip the quality metric at the end")
+    a("--demo", action="store_true", default=False, help="the README demo preset (MLP GAN, digits, fused kernels)")
+    a("--compare-torch", action="store_true", default=None,
+      help="also time the same loop with plain-PyTorch layers and print the speed ratio")
+    a("--quiet", action="store_true", default=None, help="no progress bar or periodic lines; final summary only")
+    a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return p
+
+
+def _cmd_train(args):
+    from .train import DEMO, TrainConfig, train
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("cmd", "func", "threads", "demo")}
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig()
+    if args.demo:
+        for k, v in DEMO.items():
+            setattr(cfg, k, v)
+        cfg.demo = True
+    for k, v in given.items():
+        setattr(cfg, k, v)
+    if args.demo and "out" not in given and not cfg.resume:
+        from .train import free_run_dir
+        cfg.out = free_run_dir(cfg.out)  # re-running the demo never clashes with an earlier demo run
+    if cfg.backend == "auto":
+        cfg.backend = None
+    _check_positive(cfg)
+    summary = train(cfg, explicit=set(given))
+    if args.demo and "quality" in summary:
+        m = summary["quality"]
+        print(f"demo quality goal (FD <= 4x floor, >= 9/10 classes with >= 5%): "
+              f"{'met' if summary['quality_goal_met'] else 'NOT met'} (FD {m['fd_ratio']:.2f}x floor, "
+              f"{m['classes_covered']}/10 classes)")
+    return 0
+
+
+def _check_positive(cfg):
+    for k in ("steps", "batch_size", "z_dim", "keep", "log_every"):
+        if getattr(cfg, k) < 1:
+            raise SystemExit(f"gankern train: --{k.replace('_', '-')} must be >= 1; got {getattr(cfg, k)}")
+    for k in ("sample_every", "ckpt_every", "eval_every"):
+        if getattr(cfg, k) < 0:
+            raise SystemExit(f"gankern train: --{k.replace('_', '-')} must be >= 0; got {getattr(cfg, k)}")
+    if not cfg.lr > 0 or (cfg.lr_d is not None and not cfg.lr_d > 0):
+        raise SystemExit("gankern train: --lr / --lr-d must be > 0")
+    if not 0.0 < cfg.real_label <= 1.0:
+        raise SystemExit(f"gankern train: --real-label must be in (0, 1]; got {cfg.real_label}")
+
+
+def _load_generator(args):
+    from .train import load_checkpoint, models_from_checkpoint, resolve_device
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint, map_location=device)
+    G, _, shape, cfg = models_from_checkpoint(ckpt, device, use_ema=not args.no_ema,
+                                              backend=None if args.backend in (None, "auto") else args.backend)
+    return G, shape, cfg, device, ckpt
+
+
+def _cmd_sample(args):
+    import numpy as np
+    from .train import generate, save_grid
+    if args.n < 1:
+        raise SystemExit(f"gankern sample: --n must be >= 1; got {args.n}")
+    G, shape, cfg, device, ckpt = _load_generator(args)
+    x = generate(G, args.n, cfg["z_dim"], device, args.seed)
+    if args.out.endswith(".npy"):
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        np.save(args.out, x.numpy().astype(np.float32))
+        print(f"wrote {args.n} samples, shape {tuple(x.shape)} (image {shape[0]}x{shape[1]}), float32 in [0, 1] "
+              f"-> {args.out}")
+    else:
+        save_grid(x, shape, args.out)
+        print(f"wrote a grid of {args.n} samples ({shape[0]}x{shape[1]}) from step {int(ckpt['step'])} -> {args.out}")
+    return 0
+
+
+def _cmd_eval(args):
+    from .data import load_dataset
+    from .metrics import QualityMetric, format_report
+    from .train import generate
+    G, shape, cfg, device, ckpt = _load_generator(args)
+    data = load_dataset(cfg["dataset"], args.data_dir or cfg.get("data_dir"))
+    if tuple(data.image_shape) != tuple(shape):
+        raise SystemExit(f"gankern eval: the checkpoint makes {shape[0]}x{shape[1]} images but dataset "
+                         f"{cfg['dataset']} has {data.image_shape[0]}x{data.image_shape[1]}")
+    q = QualityMetric(data, seed=0, device=device)
+    m = q.evaluate(generate(G, q.n, cfg["z_dim"], device, args.seed))
+    m["step"] = int(ckpt["step"])
+    if args.json:
+        print(json.dumps(m))
+    else:
+        print(f"checkpoint {args.checkpoint} (step {m['step']}, {cfg['model']} on {cfg['dataset']})")
+        print(format_report(m))
+    return 0
+
+
+def _cmd_bench(args):
+    import subprocess
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(here, "bench", "run.py")
+    if os.path.isfile(script) and not args.quick:
+        return subprocess.call([sys.executable, script, *args.pytest_args])
+    import torch
+    from .data import load_dataset
+    from .train import TrainConfig, compare_speed, resolve_device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    cfg = TrainConfig(model=args.model, batch_size=args.batch_size, dataset=args.dataset, data_dir=args.data_dir,
+                      backend=None if args.backend in (None, "auto") else args.backend)
+    if args.dataset == "synthetic-784":
+        from .data import ImageData
+        g = torch.Generator().manual_seed(0)
+        data = ImageData("synthetic", torch.rand(2048, 784, generator=g), torch.zeros(2048, dtype=torch.long), (28, 28))
+    else:
+        data = load_dataset(args.dataset, args.data_dir)
+    print("quick training-step timing (bench/run.py not found or --quick given)")
+    compare_speed(cfg, data, device)
+    return 0
+
+
+def _cmd_info(args):
+    import platform
+    import torch
+    import gankern
+    print(f"gankern {gankern.__version__}   torch {torch.__version__}   python {platform.python_version()}   "
+          f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    print(f"CUDA: {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}"
+          f" (torch built with CUDA {torch.version.cuda})")
+    for mod in ("triton", "numpy", "sklearn", "matplotlib", "PIL", "tqdm"):
+        try:
+            m = __import__(mod)
+            print(f"  {mod:11s}{getattr(m, '__version__', '?')}")
+        except ImportError:
+            print(f"  {mod:11s}not installed")
+    print("backends:")
+    for name, b in gankern.backends().items():
+        state = "available" if b["available"] else f"unavailable: {b['reason']}"
+        print(f"  {name:10s} {state}  [devices: {', '.join(b['devices'])}]")
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="gankern", description="gankern: fused GAN kernels for PyTorch, and a GAN trainer")
+    sub = p.add_subparsers(dest="cmd", metavar="{train,sample,eval,bench,info}")
+    sub.required = True
+    _train_parser(sub).set_defaults(func=_cmd_train)
+
+    def ckpt_args(q):
+        q.add_argument("--checkpoint", required=True, help="a ckpt_XXXXXXXX.pt written by gankern train")
+        q.add_argument("--device", default=None, help="auto (default), cpu, cuda")
+        q.add_argument("--backend", choices=["auto", "cpp", "cuda", "triton", "reference"], default=None)
+        q.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+        q.add_argument("--no-ema", action="store_true", help="use the raw generator even if the checkpoint has an EMA")
+
+    s = sub.add_parser("sample", help="write samples from a checkpoint (PNG grid, or .npy raw)",
+                       description="Write n generated samples: a PNG image grid, or with an .npy path the raw samples "
+                                   "as float32 of shape (n, pixels) in [0, 1].")
+    ckpt_args(s)
+    s.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
+    s.add_argument("--out", default="samples.png", help="output path: .png grid or .npy array (default: samples.png)")
+    s.set_defaults(func=_cmd_sample)
+
+    e = sub.add_parser("eval", help="quality metric of a checkpoint (Fréchet distance, class coverage)",
+                       description="Fréchet distance in a small classifier's feature space (float64, equal sample "
+                                   "counts) next to the real-vs-real floor, plus class coverage.")
+    ckpt_args(e)
+    e.add_argument("--data-dir", default=None, help="override the data folder saved in the checkpoint")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.set_defaults(func=_cmd_eval)
+
+    b = sub.add_parser("bench", help="run the benchmark suite (bench/run.py) or a quick training-step timing",
+                       description="Runs bench/run.py (pytest-benchmark suites, report in bench/results/) when the "
+                                   "source tree is present; otherwise, or with --quick, times training steps of the "
+                                   "fused vs plain-PyTorch models.")
+    b.add_argument("--quick", action="store_true", help="only the quick training-step timing")
+    b.add_argument("--model", choices=["mlp", "dcgan"], default="mlp")
+    b.add_argument("--dataset", default="synthetic-784", help="synthetic-784 (default), digits, mnist, fashion-mnist")
+    b.add_argument("--data-dir", default=None)
+    b.add_argument("--batch-size", type=int, default=128)
+    b.add_argument("--device", default=None)
+    b.add_argument("--backend", choices=["auto", "cpp", "cuda", "triton", "reference"], default=None)
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("pytest_args", nargs="*", help="extra arguments for bench/run.py (e.g. -k train)")
+    b.set_defaults(func=_cmd_bench)
+
+    i = sub.add_parser("info", help="versions, available backends and why others are missing")
+    i.set_defaults(func=_cmd_info)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from .data import DataError
+    from .train import CheckpointError
+    try:
+        return args.func(args) or 0
+    except (DataError, CheckpointError, FileExistsError) as e:
+        print(f"gankern {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"gankern {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gankern {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

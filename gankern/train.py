@@ -1,0 +1,584 @@
+"""The GAN trainer: a step-based loop with checkpoints, exact resume, samples, plots and metrics.
+
+The training step (``make_train_step``) is the tuned loop:
+  * one generator forward per step: its fake batch is detached for the D step and reused for the G step;
+  * the D step scores ``cat(real, fake)`` in one forward (the discriminators have no BatchNorm, so this
+    equals two forwards) and adds ``BCE(D(real), real_label) + BCE(D(fake), 0)`` with float labels
+    through the fused ``gankern.bce_with_logits``;
+  * during the G step the discriminator's parameters have ``requires_grad=False`` (no weight grads);
+  * ``torch.optim.Adam(fused=True)`` (works on CPU and CUDA in torch 2.13), optional generator EMA.
+
+Run folder (``--out``): config.json, metrics.jsonl, samples/step_XXXXXXX.png (fixed noise),
+loss.png, final_metrics.json, ckpt_XXXXXXXX.pt (the last ``keep``).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import glob
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .data import InfiniteSampler, load_dataset
+from .models import make_models, set_backend
+
+CKPT_FORMAT = "gankern-gan-checkpoint"
+CKPT_VERSION = 1
+_CKPT_RE = re.compile(r"ckpt_(\d{8})\.pt$")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "mlp"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 2e-4
+    lr_d: float | None = None          # discriminator lr (default: lr)
+    beta1: float = 0.5
+    beta2: float = 0.999
+    z_dim: int = 64
+    seed: int = 0
+    device: str = "auto"
+    backend: str | None = None          # None/"auto": gankern picks per device
+    out: str = "runs/gan"
+    resume: bool = False
+    real_label: float = 1.0             # < 1: one-sided label smoothing
+    ema: float = 0.0                    # generator EMA decay; 0 = off
+    keep: int = 3
+    sample_every: int = 500
+    ckpt_every: int = 1000
+    eval_every: int = 0                 # quality metric every N steps (0: only at the end)
+    log_every: int = 50
+    final_eval: bool = True
+    quiet: bool = False
+    demo: bool = False
+    compare_torch: bool = False
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+# Settings that define the run: a resume must not change them.
+LOCKED = ("model", "dataset", "batch_size", "lr", "lr_d", "beta1", "beta2", "z_dim", "seed", "real_label", "ema")
+
+# The README demo: MLP GAN on the bundled 8x8 digits, fused kernels, CPU.
+DEMO = dict(model="mlp", dataset="digits", steps=9000, batch_size=64, lr=2e-4, beta1=0.5, beta2=0.999, z_dim=64,
+            real_label=0.9, ema=0.999, sample_every=1000, ckpt_every=3000, out="runs/demo")
+
+
+EVAL_NOISE_SEED = 0
+
+
+def free_run_dir(base):
+    """``base`` if it holds no run yet, else the first free ``base-2``, ``base-3``, ..."""
+    def used(d):
+        return os.path.exists(os.path.join(d, "metrics.jsonl")) or bool(list_checkpoints(d))
+    if not used(base):
+        return base
+    i = 2
+    while used(f"{base}-{i}"):
+        i += 1
+    return f"{base}-{i}"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated, or not a gankern checkpoint."""
+
+
+# -------------------------------------------------------------------------------------------------
+# device / step
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was requested but torch.cuda.is_available() is False")
+    return dev
+
+
+def make_optimizers(G, D, cfg: TrainConfig, device):
+    kw = dict(betas=(cfg.beta1, cfg.beta2))
+    if device.type in ("cpu", "cuda"):
+        kw["fused"] = True
+    return (torch.optim.Adam(G.parameters(), lr=cfg.lr, **kw),
+            torch.optim.Adam(D.parameters(), lr=cfg.lr_d or cfg.lr, **kw))
+
+
+def make_train_step(G, D, opt_g, opt_d, *, z_dim, batch_size, device, real_label=1.0, fused=True, backend=None,
+                    ema=None):
+    """The tuned training step; returns ``step(real) -> (loss_d, loss_g, d_real, d_fake)`` (tensors).
+
+    ``fused`` selects the loss: gankern's fused BCE with float labels, or torch's with label tensors.
+    ``ema``: None or ``(ema_model, decay)``.
+    """
+    if fused:
+        from . import bce_with_logits
+
+        def bce(logits, label):
+            return bce_with_logits(logits, label, backend=backend)
+    else:
+        ones = torch.full((batch_size, 1), float(real_label), device=device)
+        zeros = torch.zeros(batch_size, 1, device=device)
+        gen_target = torch.ones(batch_size, 1, device=device)
+        targets = {float(real_label): ones, 0.0: zeros, 1.0: gen_target}
+
+        def bce(logits, label):
+            return F.binary_cross_entropy_with_logits(logits, targets[label])
+
+    d_params = list(D.parameters())
+    if ema is not None:
+        ema_model, decay = ema
+        ema_p, g_p = list(ema_model.parameters()), list(G.parameters())
+        ema_b, g_b = list(ema_model.buffers()), list(G.buffers())
+        n_updates = [0]
+    real_label = float(real_label)
+
+    def step(real):
+        z = torch.randn(batch_size, z_dim, device=device)
+        fake = G(z)
+        # D step: real and (detached) fake in one forward.
+        for p in d_params:
+            p.requires_grad_(True)
+        logits = D(torch.cat([real, fake.detach()]))
+        d_real, d_fake = logits[:batch_size], logits[batch_size:]
+        loss_d = bce(d_real, real_label) + bce(d_fake, 0.0)
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+        # G step: the same fake batch, D frozen.
+        for p in d_params:
+            p.requires_grad_(False)
+        loss_g = bce(D(fake), 1.0)
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        if ema is not None:
+            n_updates[0] += 1
+            w = 1.0 - min(decay, (1.0 + n_updates[0]) / (10.0 + n_updates[0]))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_p, g_p, w)
+                for a, b in zip(ema_b, g_b):
+                    a.copy_(b)
+        return loss_d, loss_g, d_real, d_fake
+
+    step.ema_updates = (lambda: n_updates[0]) if ema is not None else (lambda: 0)
+    if ema is not None:
+        def _set(n):
+            n_updates[0] = int(n)
+        step.set_ema_updates = _set
+    return step
+
+
+# -------------------------------------------------------------------------------------------------
+# checkpoints
+
+def checkpoint_path(out, step):
+    return os.path.join(out, f"ckpt_{step:08d}.pt")
+
+
+def list_checkpoints(out):
+    """[(step, path)] sorted by step."""
+    found = []
+    for p in glob.glob(os.path.join(glob.escape(out), "ckpt_*.pt")):
+        m = _CKPT_RE.search(os.path.basename(p))
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def save_atomic(obj, path):
+    """torch.save to a temp file in the same folder, fsync, then os.replace: the old file survives a crash."""
+    d = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load and validate a gankern checkpoint (weights_only=True); clear errors for bad files."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [""]
+        msg = next((ln for ln in lines if "Unsupported global" in ln), lines[0])
+        raise CheckpointError(f"{path}: cannot be read as a gankern checkpoint (truncated, corrupt, or not a torch file "
+                              f"holding only tensors and plain containers): {type(e).__name__}: {msg[:300]}") from e
+    if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{path}: not a gankern GAN checkpoint (expected a dict with format={CKPT_FORMAT!r}; "
+                              f"got {type(obj).__name__}{' with keys ' + str(sorted(obj)[:8]) if isinstance(obj, dict) else ''})")
+    if int(obj.get("format_version", 0)) > CKPT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {obj.get('format_version')} is newer than this gankern "
+                              f"({__version__}) understands ({CKPT_VERSION}); upgrade gankern")
+    for k in ("G", "D", "opt_G", "opt_D", "step", "config", "rng"):
+        if k not in obj:
+            raise CheckpointError(f"{path}: gankern checkpoint is missing the entry {k!r}")
+    return obj
+
+
+def models_from_checkpoint(ckpt, device="cpu", *, use_ema=True, backend=None):
+    """(generator, discriminator, image_shape, config) from a loaded checkpoint; the EMA generator if present."""
+    cfg = ckpt["config"]
+    shape = tuple(ckpt["image_shape"])
+    G, D = make_models(cfg["model"], shape, cfg["z_dim"], fused=True, backend=backend)
+    G.load_state_dict(ckpt["G_ema"] if use_ema and ckpt.get("G_ema") is not None else ckpt["G"])
+    D.load_state_dict(ckpt["D"])
+    return G.to(device), D.to(device), shape, cfg
+
+
+# -------------------------------------------------------------------------------------------------
+# images / plots
+
+def save_grid(images, image_shape, path, nrow=None, scale=None):
+    """(n, H*W) images in [0, 1] -> one PNG grid (Pillow)."""
+    from PIL import Image
+    import numpy as np
+    x = images.detach().float().cpu().clamp(0, 1).reshape(-1, *image_shape).numpy()
+    n, h, w = x.shape
+    nrow = nrow or int(math.ceil(math.sqrt(n)))
+    ncol = int(math.ceil(n / nrow))
+    pad = 1
+    grid = np.ones((ncol * (h + pad) + pad, nrow * (w + pad) + pad), dtype=np.float32) * 0.5
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = x[i]
+    img = Image.fromarray((grid * 255).round().astype(np.uint8), mode="L")
+    scale = scale or max(1, 256 // max(grid.shape))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
+    return path
+
+
+def plot_losses(metrics_jsonl, path):
+    rows = read_metrics(metrics_jsonl)
+    rows = [r for r in rows if "loss_d" in r]
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = [r["step"] for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a1.plot(steps, [r["loss_d"] for r in rows], label="D loss")
+    a1.plot(steps, [r["loss_g"] for r in rows], label="G loss")
+    a1.set_xlabel("step")
+    a1.legend()
+    a1.set_title("losses")
+    a2.plot(steps, [r["d_x"] for r in rows], label="D(x)")
+    a2.plot(steps, [r["d_g_z"] for r in rows], label="D(G(z))")
+    a2.set_xlabel("step")
+    a2.set_ylim(0, 1)
+    a2.legend()
+    a2.set_title("discriminator outputs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def read_metrics(path):
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        pass  # a line cut by a crash
+    return rows
+
+
+def _truncate_metrics(path, step):
+    """Drop metric lines written after ``step`` (a resumed run rewrites them)."""
+    rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+@torch.no_grad()
+def generate(G, n, z_dim, device, seed, batch=1024):
+    """n samples from G in eval mode with noise from a private generator (no global RNG use)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, z_dim, generator=g)
+    was = G.training
+    G.eval()
+    try:
+        return torch.cat([G(c.to(device)).float().cpu() for c in z.split(batch)])
+    finally:
+        G.train(was)
+
+
+# -------------------------------------------------------------------------------------------------
+# the run
+
+class _Log:
+    def __init__(self, quiet):
+        self.quiet = quiet
+
+    def __call__(self, *a):
+        if not self.quiet:
+            print(*a, flush=True)
+
+
+def _latest_checkpoint(out):
+    ckpts = list_checkpoints(out)
+    if not ckpts:
+        raise CheckpointError(f"--resume: no checkpoint (ckpt_XXXXXXXX.pt) found in {out!r}")
+    return ckpts[-1][1]
+
+
+def train(cfg: TrainConfig, explicit: set | None = None) -> dict:
+    """Run (or resume) a training run; returns a summary dict (also written to the run folder)."""
+    explicit = set(explicit or ())
+    log = _Log(cfg.quiet)
+    device = resolve_device(cfg.device)
+    out = cfg.out
+    os.makedirs(out, exist_ok=True)
+    ckpt = None
+    if cfg.resume:
+        path = _latest_checkpoint(out)
+        ckpt = load_checkpoint(path, map_location=device)
+        saved = ckpt["config"]
+        clash = [k for k in LOCKED if k in explicit and saved.get(k) != getattr(cfg, k)]
+        if clash:
+            raise ValueError("--resume continues the run with its saved settings; these differ from the checkpoint: "
+                             + ", ".join(f"{k} (saved {saved.get(k)!r}, given {getattr(cfg, k)!r})" for k in clash))
+        for k in LOCKED + ("data_dir",):
+            if k in saved and not (k == "data_dir" and k in explicit):
+                setattr(cfg, k, saved[k])
+        log(f"resuming from {path} at step {int(ckpt['step'])} (target: {cfg.steps} steps)")
+
+    data = load_dataset(cfg.dataset, cfg.data_dir)
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(cfg.seed)
+    G, D = make_models(cfg.model, data.image_shape, cfg.z_dim, fused=True, backend=cfg.backend)
+    G, D = G.to(device), D.to(device)
+    opt_g, opt_d = make_optimizers(G, D, cfg, device)
+    ema_model = None
+    if cfg.ema:
+        if not 0.0 < cfg.ema < 1.0:
+            raise ValueError(f"--ema is the EMA decay and must be in (0, 1); got {cfg.ema}")
+        ema_model = copy.deepcopy(G).requires_grad_(False)
+    x = data.x.to(device)
+    sampler = InfiniteSampler(len(data), cfg.batch_size, seed=cfg.seed, device=device)
+    step_fn = make_train_step(G, D, opt_g, opt_d, z_dim=cfg.z_dim, batch_size=cfg.batch_size, device=device,
+                              real_label=cfg.real_label, fused=True, backend=cfg.backend,
+                              ema=(ema_model, cfg.ema) if ema_model is not None else None)
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    start = 0
+    if ckpt is not None:
+        G.load_state_dict(ckpt["G"])
+        D.load_state_dict(ckpt["D"])
+        opt_g.load_state_dict(ckpt["opt_G"])
+        opt_d.load_state_dict(ckpt["opt_D"])
+        if ema_model is not None:
+            ema_model.load_state_dict(ckpt["G_ema"])
+            step_fn.set_ema_updates(ckpt.get("ema_updates", ckpt["step"]))
+        sampler.load_state_dict(ckpt["rng"]["sampler"])
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        if device.type == "cuda" and ckpt["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+        start = int(ckpt["step"])
+        _truncate_metrics(metrics_path, start)
+    else:
+        if os.path.exists(metrics_path) or list_checkpoints(out):
+            raise FileExistsError(f"run folder {out!r} already holds a run (metrics.jsonl / checkpoints): pass --resume to "
+                                  "continue it, or choose another --out")
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(dict(cfg.to_dict(), image_shape=list(data.image_shape), device_used=str(device),
+                       gankern_version=__version__, torch_version=str(torch.__version__)), f, indent=2)
+
+    fixed_z_seed = cfg.seed + 7
+    sample_g = ema_model if ema_model is not None else G
+
+    def save_ckpt(step):
+        obj = {"format": CKPT_FORMAT, "format_version": CKPT_VERSION, "gankern_version": __version__,
+               "torch_version": str(torch.__version__), "step": step, "config": cfg.to_dict(),
+               "image_shape": list(data.image_shape),
+               "G": G.state_dict(), "D": D.state_dict(), "G_ema": ema_model.state_dict() if ema_model is not None else None,
+               "ema_updates": step_fn.ema_updates(),
+               "opt_G": opt_g.state_dict(), "opt_D": opt_d.state_dict(),
+               "rng": {"torch": torch.get_rng_state(),
+                       "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                       "sampler": sampler.state_dict()}}
+        path = checkpoint_path(out, step)
+        save_atomic(obj, path)
+        for _, old in list_checkpoints(out)[:-max(1, cfg.keep)]:
+            try:
+                os.remove(old)
+            except OSError:
+                pass
+        return path
+
+    def save_samples(step):
+        imgs = generate(sample_g, 64, cfg.z_dim, device, fixed_z_seed)
+        return save_grid(imgs, data.image_shape, os.path.join(out, "samples", f"step_{step:07d}.png"))
+
+    quality = None
+
+    def evaluate(step):
+        nonlocal quality
+        from .metrics import QualityMetric
+        if quality is None:
+            quality = QualityMetric(data, seed=0, device=device)
+        # noise seed 0, as `gankern eval` (default --seed 0): both print the same numbers for a checkpoint
+        return quality.evaluate(generate(sample_g, quality.n, cfg.z_dim, device, EVAL_NOISE_SEED))
+
+    total = cfg.steps
+    if start >= total:
+        log(f"checkpoint is at step {start} >= --steps {total}: nothing to train")
+    use_bar = (not cfg.quiet) and sys.stderr.isatty()
+    bar = None
+    if use_bar:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, smoothing=0.05)
+    print_every = max(cfg.log_every, (total - start) // 10 or 1)
+    mf = open(metrics_path, "a")
+    t0 = time.perf_counter()
+    t_last, s_last = t0, start
+    last_ckpt = None
+    try:
+        for step in range(start + 1, total + 1):
+            real = x[sampler.next()]
+            loss_d, loss_g, d_real, d_fake = step_fn(real)
+            if step % cfg.log_every == 0 or step == total:
+                now = time.perf_counter()
+                sps = (step - s_last) / max(now - t_last, 1e-9)
+                t_last, s_last = now, step
+                with torch.no_grad():
+                    row = {"step": step, "loss_d": float(loss_d), "loss_g": float(loss_g),
+                           "d_x": float(torch.sigmoid(d_real.float()).mean()),
+                           "d_g_z": float(torch.sigmoid(d_fake.float()).mean()), "steps_per_s": round(sps, 2),
+                           "time": round(now - t0, 3)}
+                if not all(math.isfinite(row[k]) for k in ("loss_d", "loss_g")):
+                    raise FloatingPointError(f"non-finite loss at step {step}: {row}")
+                mf.write(json.dumps(row) + "\n")
+                mf.flush()
+                if bar is not None:
+                    bar.set_postfix(loss_d=f"{row['loss_d']:.3f}", loss_g=f"{row['loss_g']:.3f}", refresh=False)
+                elif step % print_every == 0 or step == total:
+                    log(f"step {step}/{total}  loss_d {row['loss_d']:.3f}  loss_g {row['loss_g']:.3f}  "
+                        f"D(x) {row['d_x']:.2f}  D(G(z)) {row['d_g_z']:.2f}  {sps:.1f} steps/s")
+            if bar is not None:
+                bar.update(1)
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                save_samples(step)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != total:
+                m = evaluate(step)
+                mf.write(json.dumps({"step": step, "eval": m}) + "\n")
+                mf.flush()
+                log(f"step {step}: FD {m['fd']:.3f} (floor {m['fd_floor']:.3f}, {m['fd_ratio']:.2f}x), "
+                    f"{m['classes_covered']}/10 classes")
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step != total:
+                last_ckpt = save_ckpt(step)
+    finally:
+        if bar is not None:
+            bar.close()
+        mf.close()
+    elapsed = time.perf_counter() - t0
+    trained = max(total - start, 0)
+    last_ckpt = save_ckpt(max(total, start))
+    summary = {"steps": max(total, start), "trained_steps": trained, "seconds": round(elapsed, 2),
+               "steps_per_s": round(trained / elapsed, 2) if trained and elapsed > 0 else None,
+               "device": str(device), "backend": cfg.backend or "auto", "checkpoint": last_ckpt}
+    files = {"checkpoint": last_ckpt, "metrics": metrics_path}
+    files["samples"] = save_samples(max(total, start)) if trained or not glob.glob(os.path.join(out, "samples", "*.png")) \
+        else sorted(glob.glob(os.path.join(out, "samples", "*.png")))[-1]
+    try:
+        files["loss_plot"] = plot_losses(metrics_path, os.path.join(out, "loss.png"))
+    except ImportError:
+        files["loss_plot"] = None
+    if cfg.final_eval:
+        m = evaluate(total)
+        summary["quality"] = m
+        from .metrics import format_report
+        print(format_report(m), flush=True)
+        goal = m["fd_ratio"] <= 4.0 and m["classes_covered"] >= 9
+        summary["quality_goal_met"] = goal
+    if cfg.compare_torch:
+        summary["compare_torch"] = compare_speed(cfg, data, device, log=print)
+    files["final_metrics"] = os.path.join(out, "final_metrics.json")
+    summary["files"] = files
+    with open(files["final_metrics"], "w") as f:
+        json.dump(summary, f, indent=2)
+    sps = f", {summary['steps_per_s']} steps/s" if summary["steps_per_s"] else ""
+    print(f"trained {trained} steps in {elapsed:.1f}s{sps} on {device} (backend {cfg.backend or 'auto'})", flush=True)
+    for k, v in files.items():
+        if v:
+            print(f"  {k:14s} {v}", flush=True)
+    return summary
+
+
+# -------------------------------------------------------------------------------------------------
+# speed comparison (train --compare-torch, gankern bench)
+
+def time_steps(cfg: TrainConfig, data, device, *, fused, steps=30, warmup=5, rounds=3):
+    """Seconds per training step (median of ``rounds``) of the tuned loop with fused or plain models."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        G, D = make_models(cfg.model, data.image_shape, cfg.z_dim, fused=fused, backend=cfg.backend)
+        G, D = G.to(device), D.to(device)
+        opt_g, opt_d = make_optimizers(G, D, cfg, device)
+        step = make_train_step(G, D, opt_g, opt_d, z_dim=cfg.z_dim, batch_size=cfg.batch_size, device=device,
+                               real_label=cfg.real_label, fused=fused, backend=cfg.backend)
+        x = data.x.to(device)
+        sampler = InfiniteSampler(len(data), cfg.batch_size, seed=cfg.seed, device=device)
+        batches = [x[sampler.next()] for _ in range(8)]
+
+        def sync():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        for i in range(warmup):
+            step(batches[i % 8])
+        times = []
+        for _ in range(rounds):
+            sync()
+            t = time.perf_counter()
+            for i in range(steps):
+                step(batches[i % 8])
+            sync()
+            times.append((time.perf_counter() - t) / steps)
+    return sorted(times)[len(times) // 2]
+
+
+def compare_speed(cfg: TrainConfig, data, device, log=print, steps=30):
+    fused = time_steps(cfg, data, device, fused=True, steps=steps)
+    plain = time_steps(cfg, data, device, fused=False, steps=steps)
+    fused = min(fused, time_steps(cfg, data, device, fused=True, steps=steps))
+    plain = min(plain, time_steps(cfg, data, device, fused=False, steps=steps))
+    res = {"gankern_ms_per_step": round(fused * 1e3, 3), "torch_ms_per_step": round(plain * 1e3, 3),
+           "speedup": round(plain / fused, 3), "model": cfg.model, "batch_size": cfg.batch_size,
+           "image_shape": list(data.image_shape), "device": str(device), "threads": torch.get_num_threads()}
+    log(f"speed ({cfg.model}, batch {cfg.batch_size}, {data.image_shape[0]}x{data.image_shape[1]}, {device}, "
+        f"{torch.get_num_threads()} threads): gankern {fused * 1e3:.2f} ms/step, plain PyTorch (same loop) "
+        f"{plain * 1e3:.2f} ms/step -> {plain / fused:.2f}x")
+    return res

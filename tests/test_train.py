@@ -1,0 +1,159 @@
+"""gankern.train: short runs of both models, exact resume, atomic checkpoints, checkpoint errors."""
+import json
+import os
+
+import pytest
+import torch
+
+from gankern import train as T
+from gankern.train import CheckpointError, TrainConfig, list_checkpoints, load_checkpoint, save_atomic, train
+
+
+def cfg(out, **kw):
+    base = dict(steps=20, batch_size=16, out=str(out), sample_every=10, ckpt_every=10, log_every=5,
+                final_eval=False, quiet=True, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("model", ["mlp", "dcgan"])
+def test_short_run(tmp_path, model):
+    s = train(cfg(tmp_path / model, model=model, ema=0.99))
+    run = tmp_path / model
+    rows = [json.loads(l) for l in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    for r in rows:
+        assert all(torch.isfinite(torch.tensor(r[k])) for k in ("loss_d", "loss_g", "d_x", "d_g_z"))
+        assert 0 < r["d_x"] < 1 and 0 < r["d_g_z"] < 1
+    ck = load_checkpoint(s["checkpoint"])
+    assert ck["step"] == 20 and ck["config"]["model"] == model and ck["G_ema"] is not None
+    assert os.path.basename(s["checkpoint"]) == "ckpt_00000020.pt"
+    assert (run / "config.json").exists() and (run / "loss.png").exists()
+    assert (run / "samples" / "step_0000010.png").exists() and (run / "samples" / "step_0000020.png").exists()
+    assert json.load(open(run / "final_metrics.json"))["steps"] == 20
+
+
+def _state(path):
+    ck = load_checkpoint(path)
+    return ck
+
+
+def _assert_same(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_exact_resume(tmp_path):
+    kw = dict(steps=60, ema=0.9, real_label=0.9, sample_every=0, ckpt_every=0, log_every=10)
+    train(cfg(tmp_path / "full", **kw))
+    train(cfg(tmp_path / "split", **dict(kw, steps=30)))
+    train(cfg(tmp_path / "split", **dict(kw, steps=60, resume=True)))
+    a = _state(tmp_path / "full" / "ckpt_00000060.pt")
+    b = _state(tmp_path / "split" / "ckpt_00000060.pt")
+    for k in ("G", "D", "G_ema", "opt_G", "opt_D", "rng", "step", "ema_updates"):
+        _assert_same(a[k], b[k], k)
+    la = [(r["step"], r["loss_d"], r["loss_g"], r["d_x"]) for r in map(json.loads, open(tmp_path / "full" / "metrics.jsonl"))]
+    lb = [(r["step"], r["loss_d"], r["loss_g"], r["d_x"]) for r in map(json.loads, open(tmp_path / "split" / "metrics.jsonl"))]
+    assert la == lb and len(la) == 6
+
+
+def test_resume_guards(tmp_path):
+    train(cfg(tmp_path, steps=10))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg(tmp_path, steps=10))
+    with pytest.raises(ValueError, match=r"lr \(saved 0.0002, given 0.001\)"):
+        train(cfg(tmp_path, steps=20, lr=1e-3, resume=True), explicit={"lr"})
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(cfg(tmp_path / "empty", steps=10, resume=True))
+
+
+def test_keep_last_k(tmp_path):
+    train(cfg(tmp_path, steps=25, ckpt_every=5, keep=2, sample_every=0))
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [20, 25]
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    s = train(cfg(tmp_path, steps=10, ckpt_every=0, sample_every=0))
+    before = load_checkpoint(s["checkpoint"])
+
+    def boom(src, dst):
+        raise OSError("simulated crash before the rename")
+    monkeypatch.setattr(T.os, "replace", boom)
+    # overwrite the same file: the rename fails, the old file must be intact and no temp file left behind
+    with pytest.raises(OSError, match="simulated crash"):
+        save_atomic({"format": "junk"}, s["checkpoint"])
+    with pytest.raises(OSError, match="simulated crash"):
+        train(cfg(tmp_path, steps=20, ckpt_every=0, sample_every=0, resume=True))
+    monkeypatch.undo()
+    after = load_checkpoint(s["checkpoint"])
+    _assert_same(before["G"], after["G"], "G")
+    assert after["step"] == 10
+    assert [f for f in os.listdir(tmp_path) if ".tmp-" in f] == []
+    assert [st for st, _ in list_checkpoints(str(tmp_path))] == [10]
+    # and the run can still be resumed from it
+    assert train(cfg(tmp_path, steps=20, ckpt_every=0, sample_every=0, resume=True))["steps"] == 20
+
+
+def test_bad_checkpoints(tmp_path):
+    s = train(cfg(tmp_path / "run", steps=5, ckpt_every=0, sample_every=0))
+    raw = open(s["checkpoint"], "rb").read()
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match="trunc.pt: cannot be read"):
+        load_checkpoint(str(trunc))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.ones(1)}}, foreign)
+    with pytest.raises(CheckpointError, match="not a gankern GAN checkpoint"):
+        load_checkpoint(str(foreign))
+    module = tmp_path / "module.pt"
+    torch.save(torch.nn.Linear(2, 2), module)  # a pickled object: refused by weights_only=True
+    with pytest.raises(CheckpointError, match="module.pt: cannot be read"):
+        load_checkpoint(str(module))
+    text = tmp_path / "text.pt"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match="text.pt"):
+        load_checkpoint(str(text))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_train_step_freezes_d_and_reuses_fake(monkeypatch):
+    from gankern.models import make_models
+    G, D = make_models("mlp", (8, 8), 8)
+    opt_g, opt_d = T.make_optimizers(G, D, TrainConfig(), torch.device("cpu"))
+    calls = {"G": 0}
+    orig = G.forward
+
+    def counting(z):
+        calls["G"] += 1
+        return orig(z)
+    G.forward = counting
+    seen = []
+    for p in D.parameters():
+        p.register_hook(lambda g: seen.append(1) or g)
+    step = T.make_train_step(G, D, opt_g, opt_d, z_dim=8, batch_size=4, device=torch.device("cpu"))
+    ld, lg, dr, df = step(torch.rand(4, 64))
+    assert calls["G"] == 1                          # the fake batch is reused for the G step
+    assert len(seen) == len(list(D.parameters()))  # D weight grads only in the D step
+    assert all(not p.requires_grad for p in D.parameters())
+    assert torch.isfinite(ld) and torch.isfinite(lg) and dr.shape == df.shape == (4, 1)
+    assert opt_g.param_groups[0]["fused"] and opt_d.param_groups[0]["betas"] == (0.5, 0.999)
+
+
+def test_time_steps_fused_and_plain():
+    from gankern.data import load_dataset
+    data = load_dataset("digits")
+    c = TrainConfig(batch_size=8)
+    for fused in (True, False):
+        t = T.time_steps(c, data, torch.device("cpu"), fused=fused, steps=2, warmup=1, rounds=1)
+        assert 0 < t < 10
