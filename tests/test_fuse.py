@@ -376,3 +376,33 @@ def test_deepcopy_and_dtype_of_fused_model():
     d64 = c.double()
     assert d64.disc[0][0].weight.dtype == torch.float64
     assert_close(d64(x.double()), disc(x).double(), torch.float32, scale=4)
+
+
+# ------------------------------------------------------------ GPU (skipped without a CUDA device)
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "auto"])
+def test_mlp_gan_fused_on_cuda(backend):
+    if not gankern.backends()[backend if backend != "auto" else "reference"]["available"]:
+        pytest.skip(gankern.backends()[backend]["reason"])
+    gen, disc, s = _gan("cpp")
+    gen, disc = gen.cuda(), disc.cuda()
+    gen64, disc64 = copy.deepcopy(gen).double(), copy.deepcopy(disc).double()
+    gankern.fuse(gen, backend=backend)
+    gankern.fuse(disc, backend=backend)
+    assert gen.gen[0][1].weight.is_cuda
+    z, real = torch.randn(32, s["z_dim"], device="cuda"), torch.rand(32, s["im_dim"], device="cuda")
+    loss, fake = _gan_loss(gen, disc, z, real)
+    loss64, fake64 = _gan_loss(gen64, disc64, z.double(), real.double())
+    # TF32 may be on for GEMMs on CUDA: compare at a looser scale than on CPU
+    assert_close(fake, fake64, torch.float32, scale=sqrt_scale(1024) * 16, name="fake")
+    loss.backward()
+    loss64.backward()
+    for (k, p), (_, p64) in zip(gen.named_parameters(), gen64.named_parameters()):
+        assert_close(p.grad, p64.grad, torch.float32, scale=sqrt_scale(1024) * 64, name=f"grad {k}")
+    # autocast fp16 / bf16: reduced-precision activations, float32 BatchNorm statistics
+    for dt in (torch.float16, torch.bfloat16):
+        with torch.autocast("cuda", dtype=dt):
+            f = gen(z)
+            assert f.dtype == dt and disc(f).dtype == dt
+        assert gen.gen[0][1].running_mean.dtype == torch.float32
+        assert torch.isfinite(gen.gen[0][1].running_var).all()
