@@ -317,7 +317,8 @@ def fuse(model, *, backend: str | None = None):
         # A pair is planned when both modes agree and the activation only ever consumes the module's output.
         for a_name in candidates:
             a = owner._modules[a_name]
-            reasons = [bad[a_name] for ok, bad, _ in per_graph_ok if a_name in bad]
+            reasons = [f"{bad[a_name]} (in {mode} mode)" for (ok, bad, _), mode in zip(per_graph_ok, ("train", "eval"))
+                       if a_name in bad]
             if reasons:
                 report.skipped.append(Skipped(_join(opath, a_name), _tname(a), reasons[0]))
                 continue

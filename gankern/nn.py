@@ -31,6 +31,7 @@ import math
 import torch
 from torch import Tensor
 from torch.nn import Module, Parameter, init
+from torch.nn.functional import _verify_batch_size
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.loss import _Loss
 
@@ -136,6 +137,8 @@ class _BatchNormReLU(_NormBase):
             bn_training = (self.running_mean is None) and (self.running_var is None)
         running_mean = self.running_mean if not self.training or self.track_running_stats else None
         running_var = self.running_var if not self.training or self.track_running_stats else None
+        if bn_training:  # torch's F.batch_norm check: ValueError for a single value per channel
+            _verify_batch_size(input.size())
 
         # Mixed precision (autocast's reduced-precision activations, float32 module): like nn.BatchNorm,
         # statistics and normalisation in the parameters' float32, output in the input's dtype.

@@ -1,0 +1,408 @@
+"""gankern.fuse / unfuse on plain-torch models: same outputs and gradients (float64 reference),
+state_dict compatibility, shared Parameters, the report, and composition (compile, autocast, copy)."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gankern
+import gankern.nn as gnn
+from gankern.fuse import FusedAway
+from conftest import CPU_BACKENDS
+from tolerances import assert_close, sqrt_scale
+
+
+# ------------------------------------------------------------ the classic MLP GAN, plain torch
+def get_generator_block(input_dim, output_dim):
+    return nn.Sequential(nn.Linear(input_dim, output_dim), nn.BatchNorm1d(output_dim), nn.ReLU(inplace=True))
+
+
+def get_discriminator_block(input_dim, output_dim):
+    return nn.Sequential(nn.Linear(input_dim, output_dim), nn.LeakyReLU(0.2, inplace=True))
+
+
+class Generator(nn.Module):
+    def __init__(self, z_dim=64, im_dim=784, hidden_dim=128):
+        super().__init__()
+        self.gen = nn.Sequential(
+            get_generator_block(z_dim, hidden_dim),
+            get_generator_block(hidden_dim, hidden_dim * 2),
+            get_generator_block(hidden_dim * 2, hidden_dim * 4),
+            get_generator_block(hidden_dim * 4, hidden_dim * 8),
+            nn.Linear(hidden_dim * 8, im_dim),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, noise):
+        return self.gen(noise)
+
+
+class Discriminator(nn.Module):
+    def __init__(self, im_dim=784, hidden_dim=128):
+        super().__init__()
+        self.disc = nn.Sequential(
+            get_discriminator_block(im_dim, hidden_dim * 4),
+            get_discriminator_block(hidden_dim * 4, hidden_dim * 2),
+            get_discriminator_block(hidden_dim * 2, hidden_dim),
+            nn.Linear(hidden_dim, 1),
+        )
+
+    def forward(self, image):
+        return self.disc(image)
+
+
+def _sizes(backend):
+    # the classic sizes; tiny ones for the Triton interpreter
+    return dict(z_dim=64, im_dim=784, hidden_dim=128) if backend != "triton" else dict(z_dim=4, im_dim=12, hidden_dim=2)
+
+
+def _gan(backend, dtype=torch.float32):
+    s = _sizes(backend)
+    gen = Generator(s["z_dim"], s["im_dim"], s["hidden_dim"]).to(dtype)
+    disc = Discriminator(s["im_dim"], s["hidden_dim"]).to(dtype)
+    return gen, disc, s
+
+
+def _gan_loss(gen, disc, z, real):
+    fake = gen(z)
+    return (F.binary_cross_entropy_with_logits(disc(fake), torch.ones(len(z), 1, dtype=fake.dtype)) +
+            F.binary_cross_entropy_with_logits(disc(real), torch.zeros(len(z), 1, dtype=fake.dtype))), fake
+
+
+def _grads(*models):
+    return {f"{i}.{n}": p.grad for i, m in enumerate(models) for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_mlp_gan_fuse_matches_unfused(backend):
+    gen, disc, s = _gan(backend)
+    gen64, disc64 = copy.deepcopy(gen).double(), copy.deepcopy(disc).double()
+    params_before = [p for p in list(gen.parameters()) + list(disc.parameters())]
+    sd_before = {k: v.clone() for k, v in gen.state_dict().items()}
+    assert gankern.fuse(gen, backend=backend) is gen
+    assert gankern.fuse(disc, backend=backend) is disc
+
+    # the report: 4 BatchNorm+ReLU and 3 Linear+LeakyReLU, and why the rest was left
+    assert gen.gankern_fuse_report.counts() == {"BatchNorm1d+ReLU": 4}
+    assert disc.gankern_fuse_report.counts() == {"Linear+LeakyReLU": 3}
+    assert [f.path for f in gen.gankern_fuse_report.fused] == [f"gen.{i}.1" for i in range(4)]
+    assert [f.path for f in disc.gankern_fuse_report.fused] == [f"disc.{i}.0" for i in range(3)]
+    left = {x.path: x.reason for x in disc.gankern_fuse_report.skipped}
+    assert "disc.3" in left and "no activation" in left["disc.3"]
+    assert "gen.4" in {x.path for x in gen.gankern_fuse_report.skipped}
+    assert "4 fused" in str(gen.gankern_fuse_report)
+    assert sum(isinstance(m, gnn.BatchNormReLU1d) for m in gen.modules()) == 4
+    assert sum(isinstance(m, gnn.LinearLeakyReLU) for m in disc.modules()) == 3
+    assert all(m.backend == backend for m in disc.modules() if isinstance(m, gnn.LinearLeakyReLU))
+    # same Parameter objects, same state_dict keys and values
+    assert [p for p in list(gen.parameters()) + list(disc.parameters())] == params_before
+    assert list(gen.state_dict()) == list(sd_before)
+    for k, v in gen.state_dict().items():
+        assert torch.equal(v, sd_before[k])
+
+    # train mode (batch statistics, running stats updated), then eval mode (running stats)
+    n = 7
+    for training in (True, False):
+        for m in (gen, disc, gen64, disc64):
+            m.train(training)
+        z = torch.randn(n, s["z_dim"])
+        real = torch.rand(n, s["im_dim"])
+        loss, fake = _gan_loss(gen, disc, z, real)
+        loss64, fake64 = _gan_loss(gen64, disc64, z.double(), real.double())
+        assert_close(fake, fake64, torch.float32, scale=sqrt_scale(1024), name=f"fake (training={training})")
+        assert_close(loss, loss64, torch.float32, scale=sqrt_scale(1024), name="loss")
+        for m in (gen, disc, gen64, disc64):
+            m.zero_grad()
+        loss.backward()
+        loss64.backward()
+        g, g64 = _grads(gen, disc), _grads(gen64, disc64)
+        assert g.keys() == g64.keys()
+        for k in g:
+            assert g[k] is not None, k
+            assert_close(g[k], g64[k], torch.float32, scale=sqrt_scale(1024) * 4, name=f"grad {k}")
+        for (k, v), (k64, v64) in zip(gen.state_dict().items(), gen64.state_dict().items()):
+            assert k == k64
+            assert_close(v, v64, v.dtype if v.is_floating_point() else torch.float64, scale=sqrt_scale(1024), name=k)
+
+
+def test_mlp_gan_state_dict_round_trips_and_optimizer():
+    gen, disc, s = _gan("cpp")
+    plain_gen, plain_disc = copy.deepcopy(gen), copy.deepcopy(disc)
+    opt = torch.optim.Adam(list(gen.parameters()) + list(disc.parameters()), lr=1e-2)  # made BEFORE fuse
+    opt_plain = torch.optim.Adam(list(plain_gen.parameters()) + list(plain_disc.parameters()), lr=1e-2)
+    gankern.fuse(gen)
+    gankern.fuse(disc)
+    # fused -> plain and plain -> fused, strict, through torch.save / torch.load(weights_only=True)
+    for src, dst in ((gen, Generator()), (plain_gen, copy.deepcopy(gen)), (disc, Discriminator())):
+        buf = io.BytesIO()
+        torch.save(src.state_dict(), buf)
+        buf.seek(0)
+        dst.load_state_dict(torch.load(buf, weights_only=True), strict=True)
+        for (k, a), (_, b) in zip(src.state_dict().items(), dst.state_dict().items()):
+            assert torch.equal(a, b), k
+    # the optimizer made before fuse still trains the fused model, exactly like the plain one
+    z, real = torch.randn(16, s["z_dim"]), torch.rand(16, s["im_dim"])
+    before = gen.gen[0][0].weight.detach().clone()
+    for models, o in (((gen, disc), opt), ((plain_gen, plain_disc), opt_plain)):
+        o.zero_grad()
+        _gan_loss(*models, z, real)[0].backward()
+        o.step()
+    assert not torch.equal(gen.gen[0][0].weight, before)
+    for (k, a), (_, b) in zip(gen.state_dict().items(), plain_gen.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+    for (k, a), (_, b) in zip(disc.state_dict().items(), plain_disc.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+
+
+# ------------------------------------------------------------ DCGAN-style conv models
+def _dcgan(nz=8, ngf=4, ndf=4, nc=3):
+    gen = nn.Sequential(
+        nn.ConvTranspose2d(nz, ngf * 4, 4, 1, 0, bias=False), nn.BatchNorm2d(ngf * 4), nn.ReLU(True),
+        nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 2), nn.ReLU(True),
+        nn.ConvTranspose2d(ngf * 2, ngf, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf), nn.ReLU(True),
+        nn.ConvTranspose2d(ngf, nc, 4, 2, 1, bias=False), nn.Tanh())
+    disc = nn.Sequential(
+        nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 2), nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(ndf * 2, 1, 4, 1, 0, bias=False), nn.Sigmoid())
+    return gen, disc
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dcgan(backend):
+    gen, disc = _dcgan()
+    gen64, disc64 = copy.deepcopy(gen).double(), copy.deepcopy(disc).double()
+    gankern.fuse(gen, backend=backend)
+    gankern.fuse(disc, backend=backend)
+    assert gen.gankern_fuse_report.counts() == {"BatchNorm2d+ReLU": 3}
+    assert [type(gen[i]) for i in (1, 2)] == [gnn.BatchNormReLU2d, FusedAway]
+    assert disc.gankern_fuse_report.fused == []
+    left = {x.path: x for x in disc.gankern_fuse_report.skipped}
+    assert "Conv2d -> LeakyReLU" == left["0"].what and "no fused Conv2d+LeakyReLU" in left["0"].reason
+    assert "BatchNorm2d -> LeakyReLU" == left["3"].what
+    assert not any(isinstance(m, (gnn.LinearLeakyReLU, gnn._BatchNormReLU)) for m in disc.modules())
+    for training in (True, False):
+        gen.train(training), gen64.train(training)
+        z = torch.randn(3, 8, 1, 1)
+        z64 = z.double()
+        out, out64 = disc(gen(z)), disc64(gen64(z64))
+        assert_close(out, out64, torch.float32, scale=4, name="output")
+        out.sum().backward()
+        out64.sum().backward()
+        for (k, p), (_, p64) in zip(gen.named_parameters(), gen64.named_parameters()):
+            assert_close(p.grad, p64.grad, torch.float32, scale=8, name=f"grad {k}")
+        for m in (gen, gen64, disc, disc64):
+            m.zero_grad()
+
+
+# ------------------------------------------------------------ non-Sequential models: torch.fx
+class FxNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 10)
+        self.act1 = nn.LeakyReLU(0.1)
+        self.bn = nn.BatchNorm1d(10)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(10, 4)
+        self.fc3 = nn.Linear(4, 3)
+        self.shared = nn.LeakyReLU(0.3)
+
+    def forward(self, x):
+        h = self.relu(self.bn(self.act1(self.fc1(x))))     # fusible twice
+        h = F.leaky_relu(self.fc2(h), 0.2)                  # functional activation: left
+        return self.shared(self.fc3(h)) + self.shared(h[:, :3])   # activation used elsewhere: left
+
+
+class Untraceable(FxNet):
+    def forward(self, x):
+        h = self.act1(self.fc1(x))
+        if h.sum() > 0:   # data-dependent control flow
+            h = h * 2
+        return self.relu(self.bn(h))
+
+
+class ModeDependent(FxNet):
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.training:
+            h = self.act1(h)
+        return h
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fx_model(backend):
+    m = FxNet()
+    m64 = copy.deepcopy(m).double()
+    keys = list(m.state_dict())
+    gankern.fuse(m, backend=backend)
+    rep = m.gankern_fuse_report
+    assert {(f.path, f.kind, f.activation, f.via) for f in rep.fused} == {
+        ("fc1", "Linear+LeakyReLU", "act1", "torch.fx"), ("bn", "BatchNorm1d+ReLU", "relu", "torch.fx")}
+    left = {x.path: x.reason for x in rep.skipped}
+    assert "does not rewrite forward" in left["fc2"]
+    assert "also applied to other values" in left["fc3"]
+    assert isinstance(m.fc1, gnn.LinearLeakyReLU) and m.fc1.negative_slope == 0.1
+    assert isinstance(m.fc3, nn.Linear) and isinstance(m.shared, nn.LeakyReLU)
+    assert list(m.state_dict()) == keys
+    for training in (True, False):
+        m.train(training), m64.train(training)
+        x = torch.randn(5, 6)
+        y, y64 = m(x), m64(x.double())
+        assert_close(y, y64, torch.float32, name="output")
+        y.sum().backward()
+        y64.sum().backward()
+        for (k, p), (_, p64) in zip(m.named_parameters(), m64.named_parameters()):
+            assert_close(p.grad, p64.grad, torch.float32, scale=2, name=f"grad {k}")
+
+
+def test_fx_untraceable_and_mode_dependent_left_untouched():
+    m = Untraceable()
+    before = dict(m.named_modules())
+    x = torch.randn(5, 6)
+    gankern.fuse(m)
+    assert dict(m.named_modules()) == before  # same objects, nothing replaced
+    assert m.gankern_fuse_report.fused == []
+    reasons = {x.path: x.reason for x in m.gankern_fuse_report.skipped}
+    assert "torch.fx cannot trace" in reasons["fc1"] and "torch.fx cannot trace" in reasons["bn"]
+    m.eval()
+    m(x)
+    md = ModeDependent()
+    gankern.fuse(md)
+    assert md.gankern_fuse_report.fused == [] and isinstance(md.fc1, nn.Linear)
+    assert "followed by output (in eval mode)" in {x.path: x.reason for x in md.gankern_fuse_report.skipped}["fc1"]
+
+
+def test_hooks_shared_and_bad_arguments():
+    sn = nn.Sequential(nn.utils.spectral_norm(nn.Linear(4, 4)), nn.LeakyReLU(0.2))
+    gankern.fuse(sn)
+    assert sn.gankern_fuse_report.fused == [] and "hooks" in sn.gankern_fuse_report.skipped[0].reason
+    lin = nn.Linear(3, 3)
+    shared = nn.Sequential(nn.Sequential(lin, nn.LeakyReLU()), nn.Sequential(lin, nn.LeakyReLU()))
+    gankern.fuse(shared)
+    assert shared.gankern_fuse_report.fused == []
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        gankern.fuse(3)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        gankern.fuse(lambda x: x)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        gankern.unfuse("model")
+    with pytest.raises(ValueError, match="backend"):
+        gankern.fuse(nn.Linear(2, 2), backend="gpu")
+    # fusing twice changes nothing more
+    gen, _, _ = _gan("cpp")
+    gankern.fuse(gen)
+    gankern.fuse(gen)
+    assert gen.gankern_fuse_report.fused == []
+
+
+def test_unfuse_restores_torch_modules():
+    gen, disc, s = _gan("cpp")
+    m = FxNet()
+    ref = [copy.deepcopy(x) for x in (gen, disc, m)]
+    for model, r in zip((gen, disc, m), ref):
+        params = list(model.parameters())
+        gankern.fuse(model)
+        gankern.unfuse(model)
+        assert list(model.parameters()) == params  # same Parameter objects throughout
+        assert [type(a) for a in model.modules()] == [type(b) for b in r.modules()]
+        assert repr(model) == repr(r)
+        assert len(model.gankern_unfuse_report.restored) == len(model.gankern_unfuse_report.restored)
+        model.eval(), r.eval()
+        x = torch.randn(3, s["z_dim"] if model is gen else (s["im_dim"] if model is disc else 6))
+        torch.testing.assert_close(model(x), r(x))
+    built = nn.Sequential(gnn.LinearLeakyReLU(2, 2))
+    gankern.unfuse(built)
+    assert isinstance(built[0], gnn.LinearLeakyReLU) and built.gankern_unfuse_report.left
+
+
+# ------------------------------------------------------------ composition
+def test_compile_fullgraph_fused_gan_fwd_bwd():
+    gen, disc, s = _gan("cpp")
+    gankern.fuse(gen)
+    gankern.fuse(disc)
+    loss_fn = gnn.BCEWithLogitsLoss()
+
+    def g_loss(z):
+        return loss_fn(disc(gen(z)), 1.0)
+    z = torch.randn(8, s["z_dim"])
+    expected = g_loss(z)
+    expected.backward()
+    grads = {k: p.grad.clone() for k, p in gen.named_parameters()}
+    gen.zero_grad(), disc.zero_grad()
+    torch._dynamo.reset()
+    got = torch.compile(g_loss, fullgraph=True)(z)   # raises on any graph break
+    got.backward()
+    # train mode: the compiled call updated the running stats a second time, like eager would
+    assert int(gen.gen[0][1].num_batches_tracked) == 2
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    for k, p in gen.named_parameters():
+        torch.testing.assert_close(p.grad, grads[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+def test_autocast_bf16_fused_gan():
+    gen, disc, s = _gan("cpp")
+    plain_gen, plain_disc = copy.deepcopy(gen), copy.deepcopy(disc)
+    gankern.fuse(gen)
+    gankern.fuse(disc)
+    z, real = torch.randn(16, s["z_dim"]), torch.rand(16, s["im_dim"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fake, out = gen(z), None
+        out = disc(fake)
+        pfake = plain_gen(z)
+        pout = plain_disc(pfake)
+    assert fake.dtype == pfake.dtype and out.dtype == pout.dtype == torch.bfloat16
+    assert all(b.dtype == torch.float32 for n, b in gen.named_buffers() if "running" in n)
+    assert_close(fake, pfake.double(), torch.bfloat16, scale=2, name="fake")
+    assert_close(out, pout.double(), torch.bfloat16, scale=4, name="disc output")
+    for (k, a), (_, b) in zip(gen.state_dict().items(), plain_gen.state_dict().items()):
+        if a.is_floating_point():
+            assert_close(a, b.double(), torch.bfloat16, scale=2, name=k)
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in gen.parameters())
+
+
+def test_deepcopy_and_dtype_of_fused_model():
+    gen, disc, s = _gan("cpp")
+    gankern.fuse(disc)
+    c = copy.deepcopy(disc)
+    assert c.gankern_fuse_report.counts() == {"Linear+LeakyReLU": 3}
+    assert c.disc[0][0].weight is not disc.disc[0][0].weight
+    assert isinstance(c.disc[0][1], FusedAway) and c.disc[0][1]._original is not disc.disc[0][1]._original
+    x = torch.randn(4, s["im_dim"])
+    torch.testing.assert_close(c(x), disc(x))
+    d64 = c.double()
+    assert d64.disc[0][0].weight.dtype == torch.float64
+    assert_close(d64(x.double()), disc(x).double(), torch.float32, scale=4)
+
+
+# ------------------------------------------------------------ GPU (skipped without a CUDA device)
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "auto"])
+def test_mlp_gan_fused_on_cuda(backend):
+    if not gankern.backends()[backend if backend != "auto" else "reference"]["available"]:
+        pytest.skip(gankern.backends()[backend]["reason"])
+    gen, disc, s = _gan("cpp")
+    gen, disc = gen.cuda(), disc.cuda()
+    gen64, disc64 = copy.deepcopy(gen).double(), copy.deepcopy(disc).double()
+    gankern.fuse(gen, backend=backend)
+    gankern.fuse(disc, backend=backend)
+    assert gen.gen[0][1].weight.is_cuda
+    z, real = torch.randn(32, s["z_dim"], device="cuda"), torch.rand(32, s["im_dim"], device="cuda")
+    loss, fake = _gan_loss(gen, disc, z, real)
+    loss64, fake64 = _gan_loss(gen64, disc64, z.double(), real.double())
+    # TF32 may be on for GEMMs on CUDA: compare at a looser scale than on CPU
+    assert_close(fake, fake64, torch.float32, scale=sqrt_scale(1024) * 16, name="fake")
+    loss.backward()
+    loss64.backward()
+    for (k, p), (_, p64) in zip(gen.named_parameters(), gen64.named_parameters()):
+        assert_close(p.grad, p64.grad, torch.float32, scale=sqrt_scale(1024) * 64, name=f"grad {k}")
+    # autocast fp16 / bf16: reduced-precision activations, float32 BatchNorm statistics
+    for dt in (torch.float16, torch.bfloat16):
+        with torch.autocast("cuda", dtype=dt):
+            f = gen(z)
+            assert f.dtype == dt and disc(f).dtype == dt
+        assert gen.gen[0][1].running_mean.dtype == torch.float32
+        assert torch.isfinite(gen.gen[0][1].running_var).all()
