@@ -34,7 +34,7 @@ setup() {
 job=${1:-demo}; shift || true
 case "$job" in
   setup) setup ;;
-  demo)  setup; exec "$VENV/bin/gankern" train --demo "$@" ;;
+  demo)  setup; exec "$PY" -m gankern train --demo "$@" ;;
   test)  setup; exec "$VENV/bin/pytest" -q "$@" ;;
   bench) setup; exec "$PY" bench/run.py "$@" ;;
   *) echo "usage: bash run.sh demo|test|bench|setup [args...]" >&2; exit 2 ;;
