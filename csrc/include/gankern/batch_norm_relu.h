@@ -55,3 +55,34 @@ GK_HD double running_update(double old, double batch_stat, double momentum) {
 
 }  // namespace bnr
 }  // namespace gankern
+
+// ---------------------------------------------------------------------------------------------
+// CUDA launchers (csrc/cuda/batch_norm_relu.cu), called by csrc/cuda/batch_norm_relu_glue.cpp.
+// Plain pointers and sizes.  The input is (N, C, S): rows == true means M = N*S rows of C
+// contiguous channels ((N, C) and channels-last), rows == false means contiguous N x C x S.
+// acc = float for fp32/fp16/bf16 inputs, double for fp64; P = the params' dtype.
+#if defined(__CUDACC__) || defined(GANKERN_BNR_CUDA_DECLS)
+#include <cuda_runtime_api.h>
+#include <cstdint>
+namespace gankern {
+namespace bnr {
+enum class Dtype : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
+
+// Elements of acc type the launchers need as scratch.
+int64_t cuda_fwd_workspace(int64_t N, int64_t C, int64_t S, bool rows);
+int64_t cuda_bwd_workspace(int64_t N, int64_t C, int64_t S, bool rows);
+
+// running_mean / running_var / weight / bias: contiguous (C,) of dtype pt, or nullptr.
+cudaError_t cuda_forward(Dtype xt, Dtype pt, const void* x, void* y, int64_t N, int64_t C, int64_t S, bool rows,
+                         void* running_mean, void* running_var, const void* weight, const void* bias,
+                         bool training, double momentum, double eps, void* save_mean, void* save_invstd,
+                         void* workspace, cudaStream_t stream);
+
+// grad_weight / grad_bias: (C,) of dtype pt (always written).
+cudaError_t cuda_backward(Dtype xt, Dtype pt, const void* dy, const void* x, void* dx, int64_t N, int64_t C,
+                          int64_t S, bool rows, const void* weight, const void* bias, const void* save_mean,
+                          const void* save_invstd, bool training, void* grad_weight, void* grad_bias,
+                          void* workspace, cudaStream_t stream);
+}  // namespace bnr
+}  // namespace gankern
+#endif
