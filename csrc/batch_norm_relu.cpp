@@ -106,13 +106,15 @@ bwd_op() {
 }
 
 struct BatchNormReluFn : public torch::autograd::Function<BatchNormReluFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& running_mean,
-                            const at::Tensor& running_var, const at::Tensor& weight, const at::Tensor& bias,
-                            bool training, double momentum, double eps) {
+  // Optional tensors stay std::optional: Function::apply records input metadata for every
+  // defined Tensor argument and rejects undefined ones.
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
+                            const std::optional<at::Tensor>& running_mean,
+                            const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, bool training, double momentum, double eps) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, mean, invstd] = fwd_op().call(input, to_opt(running_mean), to_opt(running_var), to_opt(weight),
-                                           to_opt(bias), training, momentum, eps);
-    ctx->save_for_backward({input, weight, bias, mean, invstd});
+    auto [y, mean, invstd] = fwd_op().call(input, running_mean, running_var, weight, bias, training, momentum, eps);
+    ctx->save_for_backward({input, opt(weight), opt(bias), mean, invstd});
     ctx->saved_data["training"] = training;
     return y;
   }
@@ -136,8 +138,7 @@ struct BatchNormReluFn : public torch::autograd::Function<BatchNormReluFn> {
 at::Tensor bnr_autograd(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
                         const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
                         const std::optional<at::Tensor>& bias, bool training, double momentum, double eps) {
-  return BatchNormReluFn::apply(input, opt(running_mean), opt(running_var), opt(weight), opt(bias), training,
-                                momentum, eps);
+  return BatchNormReluFn::apply(input, running_mean, running_var, weight, bias, training, momentum, eps);
 }
 
 at::Tensor bnr_noautograd(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,

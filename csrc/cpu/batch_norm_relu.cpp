@@ -146,10 +146,18 @@ constexpr int64_t kColBlock = 256;
 constexpr int64_t kTileRows = 32;
 constexpr int64_t kMaxRowTasks = 16;
 
-struct Partials {  // per (row task, channel): count, mean, m2
-  int64_t ntasks = 0;
-  std::vector<double> n, mean, m2;
-};
+// Non-finite data (Inf/NaN): the mean is the plain sum / count and the variance NaN, as torch
+// computes them (e.g. a channel holding +Inf has mean +Inf, not the NaN the Chan update gives).
+inline void finish_channel(double chan_mean, double chan_m2, double plain_sum, double count, double& mean,
+                           double& m2) {
+  if (std::isfinite(plain_sum)) {
+    mean = chan_mean;
+    m2 = chan_m2;
+  } else {
+    mean = plain_sum / count;
+    m2 = std::numeric_limits<double>::quiet_NaN();
+  }
+}
 
 template <typename T>
 void stats_rows(const T* x, int64_t M, int64_t C, std::vector<double>& mean_out, std::vector<double>& m2_out) {
@@ -161,7 +169,7 @@ void stats_rows(const T* x, int64_t M, int64_t C, std::vector<double>& mean_out,
   const int64_t nrt = std::min<int64_t>(ntiles, kMaxRowTasks);
   const int64_t tiles_per_task = (ntiles + nrt - 1) / nrt;
   const int64_t ncb = (C + kColBlock - 1) / kColBlock;
-  std::vector<double> pn(nrt, 0.0), pmean(nrt * C, 0.0), pm2(nrt * C, 0.0);
+  std::vector<double> pn(nrt, 0.0), pmean(nrt * C, 0.0), pm2(nrt * C, 0.0), psum(nrt * C, 0.0);
   const int64_t task_elems = tiles_per_task * kTileRows * std::min(C, kColBlock);
   at::parallel_for(0, nrt * ncb, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, task_elems)),
                    [&](int64_t t0, int64_t t1) {
@@ -174,6 +182,7 @@ void stats_rows(const T* x, int64_t M, int64_t C, std::vector<double>& mean_out,
       double n_acc = 0;
       double* am = &pmean[rt * C + c0];
       double* a2 = &pm2[rt * C + c0];
+      double* as = &psum[rt * C + c0];
       for (int64_t r0 = r_begin; r0 < r_end; r0 += kTileRows) {
         const int64_t r1 = std::min(r_end, r0 + kTileRows);
         const acc_t inv_cnt = acc_t(1) / acc_t(r1 - r0);
@@ -220,6 +229,7 @@ void stats_rows(const T* x, int64_t M, int64_t C, std::vector<double>& mean_out,
           const double tm = double(s[j]) + corr / cnt;
           const double t2 = std::max(0.0, double(q[j]) - corr * corr / cnt);
           bnr::chan_merge(na, am[j], a2[j], cnt, tm, t2);
+          as[j] += double(s[j]) * cnt;
         }
         n_acc += cnt;
       }
@@ -231,9 +241,12 @@ void stats_rows(const T* x, int64_t M, int64_t C, std::vector<double>& mean_out,
   m2_out.assign(C, 0.0);
   for (int64_t c = 0; c < C; ++c) {
     double n = 0, m = 0, q2 = 0;
-    for (int64_t rt = 0; rt < nrt; ++rt) bnr::chan_merge(n, m, q2, pn[rt], pmean[rt * C + c], pm2[rt * C + c]);
-    mean_out[c] = m;
-    m2_out[c] = q2;
+    double sum = 0;
+    for (int64_t rt = 0; rt < nrt; ++rt) {
+      bnr::chan_merge(n, m, q2, pn[rt], pmean[rt * C + c], pm2[rt * C + c]);
+      sum += psum[rt * C + c];
+    }
+    finish_channel(m, q2, sum, double(M), mean_out[c], m2_out[c]);
   }
 }
 
@@ -249,14 +262,14 @@ void stats_planar(const T* x, int64_t N, int64_t C, int64_t S, std::vector<doubl
   const int64_t ntiles = (N + g - 1) / g;
   const int64_t nng = std::min<int64_t>(ntiles, std::max<int64_t>(1, 32 / C));
   const int64_t tiles_per_task = (ntiles + nng - 1) / nng;
-  std::vector<double> pn(nng * C, 0.0), pmean(nng * C, 0.0), pm2(nng * C, 0.0);
+  std::vector<double> pn(nng * C, 0.0), pmean(nng * C, 0.0), pm2(nng * C, 0.0), psum(nng * C, 0.0);
   const int64_t task_elems = tiles_per_task * g * S;
   at::parallel_for(0, nng * C, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, task_elems)),
                    [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c = t / nng, ng = t % nng;
       const int64_t n_begin = std::min(N, ng * tiles_per_task * g), n_end = std::min(N, n_begin + tiles_per_task * g);
-      double na = 0, ma = 0, qa = 0;
+      double na = 0, ma = 0, qa = 0, sa = 0;
       for (int64_t n0 = n_begin; n0 < n_end; n0 += g) {
         const int64_t n1 = std::min(n_end, n0 + g);
         // pass 1
@@ -272,8 +285,10 @@ void stats_planar(const T* x, int64_t N, int64_t C, int64_t S, std::vector<doubl
           for (; s < S; ++s) tail += static_cast<acc_t>(p[s]);
         }
         const double cnt = double((n1 - n0) * S);
-        const acc_t m = static_cast<acc_t>((double(at::vec::vec_reduce_all<acc_t>(
-                                                [](V a, V b) { return a + b; }, acc0 + acc1)) + double(tail)) / cnt);
+        const double tsum = double(at::vec::vec_reduce_all<acc_t>([](V a, V b) { return a + b; }, acc0 + acc1)) +
+                            double(tail);
+        sa += tsum;
+        const acc_t m = static_cast<acc_t>(tsum / cnt);
         // pass 2
         V sq0(0), sq1(0), sd0(0), sd1(0);
         acc_t sqt = 0, sdt = 0;
@@ -302,15 +317,19 @@ void stats_planar(const T* x, int64_t N, int64_t C, int64_t S, std::vector<doubl
       pn[ng * C + c] = na;
       pmean[ng * C + c] = ma;
       pm2[ng * C + c] = qa;
+      psum[ng * C + c] = sa;
     }
   });
   mean_out.assign(C, 0.0);
   m2_out.assign(C, 0.0);
   for (int64_t c = 0; c < C; ++c) {
     double n = 0, m = 0, q2 = 0;
-    for (int64_t ng = 0; ng < nng; ++ng) bnr::chan_merge(n, m, q2, pn[ng * C + c], pmean[ng * C + c], pm2[ng * C + c]);
-    mean_out[c] = m;
-    m2_out[c] = q2;
+    double sum = 0;
+    for (int64_t ng = 0; ng < nng; ++ng) {
+      bnr::chan_merge(n, m, q2, pn[ng * C + c], pmean[ng * C + c], pm2[ng * C + c]);
+      sum += psum[ng * C + c];
+    }
+    finish_channel(m, q2, sum, double(N * S), mean_out[c], m2_out[c]);
   }
 }
 

@@ -1,7 +1,7 @@
 // CUDA kernels of the fused BatchNorm + ReLU.  Plain kernels + launchers (no ATen); the glue
 // is csrc/cuda/batch_norm_relu_glue.cpp.
 //
-// Forward (training): per-channel partial statistics over a fixed split of the rows (each
+// Forward (training): per-channel partial statistics of x - K (K = the channel's first value) over a fixed split of the rows (each
 // thread Welford, then a fixed-order Chan merge inside the block: shared memory / warp
 // shuffles), a second kernel merging the partials in a fixed order (deterministic, no atomics)
 // that also updates the running stats and folds scale/shift, then one elementwise pass.
@@ -75,8 +75,9 @@ __global__ void stats_rows_kernel(const T* __restrict__ x, int64_t R, int64_t C,
   const int64_t r1 = r0 + rows_per_prog < R ? r0 + rows_per_prog : R;
   A n = 0, mean = 0, m2 = 0;
   if (c < C) {
+    const A K = to_acc(x[c]);  // shift: the channel's first value (see fold_kernel)
     for (int64_t r = r0 + ty; r < r1; r += kRowsTY) {
-      const A v = to_acc(x[r * C + c]);
+      const A v = A(to_acc(x[r * C + c])) - K;
       n += A(1);
       const A d = v - mean;
       mean += d / n;
@@ -104,9 +105,10 @@ __global__ void stats_planar_kernel(const T* __restrict__ x, int64_t R, int64_t 
   const int64_t r0 = int64_t(blockIdx.y) * rows_per_prog;
   const int64_t r1 = r0 + rows_per_prog < R ? r0 + rows_per_prog : R;
   A n = 0, mean = 0, m2 = 0;
+  const A K = to_acc(x[c * S]);  // shift: the channel's first value (see fold_kernel)
   for (int64_t r = r0 + threadIdx.x; r < r1; r += kPlanarThreads) {
     const int64_t nn = r / S, s = r - nn * S;
-    const A v = to_acc(x[(nn * C + c) * S + s]);
+    const A v = A(to_acc(x[(nn * C + c) * S + s])) - K;
     n += A(1);
     const A d = v - mean;
     mean += d / n;
@@ -131,9 +133,10 @@ __global__ void stats_planar_kernel(const T* __restrict__ x, int64_t R, int64_t 
 }
 
 // Per channel: merge partials (training) or read the running stats (eval); running-stat update;
-// save mean / invstd; fold scale / shift.
-template <typename P, typename A>
-__global__ void fold_kernel(const A* __restrict__ pn, const A* __restrict__ pmean, const A* __restrict__ pm2,
+// save mean / invstd; fold scale / shift.  The partials are statistics of x - K, K = the
+// channel's first value, so that fp32 keeps full precision when |mean| >> std.
+template <typename T, typename P, typename A>
+__global__ void fold_kernel(const T* __restrict__ x, int64_t S, bool rows, const A* __restrict__ pn, const A* __restrict__ pmean, const A* __restrict__ pm2,
                             int64_t nprog, int64_t C, int64_t R, P* running_mean, P* running_var,
                             const P* __restrict__ weight, const P* __restrict__ bias, bool training, double momentum,
                             double eps, A* __restrict__ save_mean, A* __restrict__ save_invstd, A* __restrict__ scale,
@@ -145,6 +148,7 @@ __global__ void fold_kernel(const A* __restrict__ pn, const A* __restrict__ pmea
     A n = 0, m = 0, m2 = 0;
     for (int64_t i = 0; i < nprog; ++i) chan_merge(n, m, m2, pn[i * C + c], pmean[i * C + c], pm2[i * C + c]);
     const A var = m2 / A(R);
+    if (R > 0) m += A(to_acc(x[rows ? c : c * S]));
     mean = m;
     invstd = rsqrt_acc(var + A(eps));
     if (running_mean != nullptr) {
@@ -308,7 +312,7 @@ cudaError_t forward_impl(const T* x, T* y, int64_t N, int64_t C, int64_t S, bool
       stats_planar_kernel<T, A><<<grid, kPlanarThreads, 0, st>>>(x, R, C, S, p.rows_per_prog, pn, pmean, pm2);
     }
   }
-  fold_kernel<P, A><<<unsigned((C + 127) / 128), 128, 0, st>>>(pn, pmean, pm2, training && R > 0 ? p.nprog : 0, C, R,
+  fold_kernel<T, P, A><<<unsigned((C + 127) / 128), 128, 0, st>>>(x, S, rows, pn, pmean, pm2, training && R > 0 ? p.nprog : 0, C, R,
                                                               rm, rv, w, b, training, momentum, eps, save_mean,
                                                               save_invstd, scale, shift);
   const int64_t total = R * C;

@@ -83,6 +83,13 @@ def _check_args(input, running_mean, running_var, weight, bias, training, moment
         raise ValueError(f"batch_norm_relu: eps must be a finite float >= 0, got {eps!r}")
 
 
+def _check_devices(input, *named):
+    # A parameter on the meta device sends the call to the fake kernels: check there too.
+    for name, t in named:
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"batch_norm_relu: {name} must be on the input's device {input.device}, got {t.device}")
+
+
 # ------------------------------------------------------------------ fake kernels of the C++ ops
 def _register_cpp_fakes():
     if _backends.load_extension() is None or not hasattr(torch.ops.gankern, "_batch_norm_relu_fwd"):
@@ -91,6 +98,8 @@ def _register_cpp_fakes():
     @torch.library.register_fake("gankern::_batch_norm_relu_fwd")
     def _fwd_fake(input, running_mean, running_var, weight, bias, training, momentum, eps):
         torch._check(input.dim() >= 2, lambda: "batch_norm_relu: input must have at least 2 dimensions")
+        _check_devices(input, ("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                       ("bias", bias))
         C = input.shape[1]
         acc = _acc_dtype(input)
         return (_out_like(input), input.new_empty((C,), dtype=acc), input.new_empty((C,), dtype=acc))
@@ -133,6 +142,8 @@ def _triton_fwd(input: torch.Tensor, running_mean: torch.Tensor | None, running_
 
 @_triton_fwd.register_fake
 def _(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    _check_devices(input, ("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                   ("bias", bias))
     C = input.shape[1]
     f32 = dict(dtype=torch.float32)
     return (_out_like(input), input.new_empty((C,), **f32), input.new_empty((C,), **f32),

@@ -34,6 +34,9 @@ def _bnr_stats_partial(x_ptr, pmean_ptr, pm2_ptr, C, S, R, sN, sC, sS, rows_per_
     cmask = cc < C
     r_start = pid_r * rows_per_prog
     r_end = tl.minimum(R, r_start + rows_per_prog)
+    # shift: the channel's first value (the same for every program); statistics of x - K keep
+    # full fp32 precision when |mean| >> std (e.g. offset 1e4, spread 1e-2)
+    K = tl.load(x_ptr + cc.to(tl.int64) * sC, mask=cmask, other=0.0).to(tl.float32)
     n_acc = 0.0
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -44,7 +47,7 @@ def _bnr_stats_partial(x_ptr, pmean_ptr, pm2_ptr, C, S, R, sN, sC, sS, rows_per_
         s = rr - n * S
         offs = n.to(tl.int64)[:, None] * sN + s.to(tl.int64)[:, None] * sS + cc.to(tl.int64)[None, :] * sC
         m = rmask[:, None] & cmask[None, :]
-        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        x = tl.where(m, tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) - K[None, :], 0.0)
         cnt = tl.minimum(r_end - r0, BLOCK_R).to(tl.float32)
         t_mean = tl.sum(x, axis=0) / cnt
         d = tl.where(m, x - t_mean[None, :], 0.0)
@@ -61,7 +64,7 @@ def _bnr_stats_partial(x_ptr, pmean_ptr, pm2_ptr, C, S, R, sN, sC, sS, rows_per_
 
 
 @triton.jit
-def _bnr_fold(pmean_ptr, pm2_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
+def _bnr_fold(x_ptr, sC, pmean_ptr, pm2_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
               C, R, rows_per_prog, n_prog_r, momentum, eps,
               TRAINING: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
               BLOCK_C: tl.constexpr):
@@ -81,6 +84,7 @@ def _bnr_fold(pmean_ptr, pm2_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, mean_ptr, invstd
             mean = mean + delta * f
             m2 = m2 + p2 + delta * delta * n_acc * f
             n_acc = nn
+        mean = mean + tl.load(x_ptr + cc.to(tl.int64) * sC, mask=cmask, other=0.0).to(tl.float32)  # undo the shift
         var = m2 / R
         if HAS_RUNNING:
             rm = tl.load(rm_ptr + cc, mask=cmask, other=0.0)
@@ -275,7 +279,7 @@ def forward(input, running_mean, running_var, weight, bias, training, momentum, 
     if training and R == 0:
         raise ValueError("batch_norm_relu (triton): training needs at least 2 values per channel, got 0")
     _bnr_fold[(triton.cdiv(C, _FOLD_BLOCK_C),)](
-        pmean, pm2, running_mean if has_running else dummy, running_var if has_running else dummy,
+        x, sC, pmean, pm2, running_mean if has_running else dummy, running_var if has_running else dummy,
         weight if weight is not None else dummy, bias if bias is not None else dummy,
         mean, invstd, scale, shift, C, R, rpp, n_prog, float(momentum), float(eps),
         TRAINING=bool(training), HAS_RUNNING=has_running, HAS_W=weight is not None, HAS_B=bias is not None,
@@ -382,7 +386,7 @@ def aot_specs():
         for training in (True, False):
             specs.append(AotSpec(
                 f"batch_norm_relu_fold[{dt},training={training}]", _bnr_fold,
-                {"pmean_ptr": "*fp32", "pm2_ptr": "*fp32", "rm_ptr": f"*{pdt}", "rv_ptr": f"*{pdt}",
+                {"x_ptr": f"*{dt}", "sC": "i32", "pmean_ptr": "*fp32", "pm2_ptr": "*fp32", "rm_ptr": f"*{pdt}", "rv_ptr": f"*{pdt}",
                  "w_ptr": f"*{pdt}", "b_ptr": f"*{pdt}", "mean_ptr": "*fp32", "invstd_ptr": "*fp32",
                  "scale_ptr": "*fp32", "shift_ptr": "*fp32", "C": "i32", "R": "i32", "rows_per_prog": "i32",
                  "n_prog_r": "i32", "momentum": "fp32", "eps": "fp32", "TRAINING": "constexpr",
@@ -398,7 +402,7 @@ def aot_specs():
         if dt != "fp32":  # params in the input's dtype
             specs.append(AotSpec(
                 f"batch_norm_relu_fold[{dt},params={dt}]", _bnr_fold,
-                {"pmean_ptr": "*fp32", "pm2_ptr": "*fp32", "rm_ptr": f"*{dt}", "rv_ptr": f"*{dt}",
+                {"x_ptr": f"*{dt}", "sC": "i32", "pmean_ptr": "*fp32", "pm2_ptr": "*fp32", "rm_ptr": f"*{dt}", "rv_ptr": f"*{dt}",
                  "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "mean_ptr": "*fp32", "invstd_ptr": "*fp32",
                  "scale_ptr": "*fp32", "shift_ptr": "*fp32", "C": "i32", "R": "i32", "rows_per_prog": "i32",
                  "n_prog_r": "i32", "momentum": "fp32", "eps": "fp32", "TRAINING": "constexpr",
