@@ -14,6 +14,14 @@
 // y = max(fma(x, scale, shift), 0).
 // Backward: one pass for sum(g) and sum(g * (x - mean)) per channel (g = dy gated by the ReLU
 // mask, recomputed from x with the forward's fma), one elementwise pass for dx.
+// ATen's Vectorized<T> uses AVX2 only when CPU_CAPABILITY_AVX2 is defined (torch's own build
+// sets it per dispatch variant); otherwise it silently falls back to a slow generic version.
+// The extension is compiled with -march=native: turn the AVX2 variant on when the compiler
+// targets AVX2 + FMA.  (inline namespace at::vec::AVX2, so no clash with other translation units.)
+#if defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
