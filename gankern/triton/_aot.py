@@ -63,10 +63,16 @@ def all_specs():
     return specs
 
 
-def _ptxas():
-    import triton
-    cand = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    return cand if os.path.exists(cand) else "ptxas"
+def _ptxas(cc: int = 80):
+    # The ptxas Triton itself uses for this arch (sm_90+: its newer "ptxas-blackwell", whose PTX
+    # version the legacy bundled ptxas rejects).
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(cc).path
+    except Exception:  # older Triton
+        import triton
+        cand = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+        return cand if os.path.exists(cand) else "ptxas"
 
 
 def ptxas_report(ptx: str, arch: str) -> dict:
@@ -74,7 +80,8 @@ def ptxas_report(ptx: str, arch: str) -> dict:
         p = os.path.join(d, "k.ptx")
         with open(p, "w") as f:
             f.write(ptx)
-        r = subprocess.run([_ptxas(), f"-arch={arch}", "-v", p, "-o", os.path.join(d, "k.cubin")],
+        cc = int(re.search(r"\d+", arch).group(0)) if re.search(r"\d+", arch) else 80
+        r = subprocess.run([_ptxas(cc), f"-arch={arch}", "-v", p, "-o", os.path.join(d, "k.cubin")],
                            capture_output=True, text=True)
     log = r.stdout + r.stderr
     if r.returncode != 0:

@@ -1,0 +1,170 @@
+// gankern::batch_norm_relu: relu(batch_norm(input, running_mean, running_var, weight, bias,
+// training, momentum, eps)) fused.  Schemas, argument checks, and the C++ autograd shared by
+// the CPU and CUDA kernels (csrc/cpu/batch_norm_relu.cpp, csrc/cuda/batch_norm_relu_glue.cpp).
+//
+// What the backward keeps: the input x (a reference, no copy), and the per-channel mean and
+// inverse std.  The ReLU mask is recomputed bit-exactly from x (same fma as the forward), so
+// the output y is not kept alive.  x is needed anyway: in training the input gradient at
+// positions where the ReLU is closed still depends on x_hat, which y (= 0 there) cannot give.
+#include <torch/library.h>
+#include <torch/autograd.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <sstream>
+#include "gankern/common.h"
+
+namespace gankern {
+
+static std::string sizes_str(at::IntArrayRef s) {
+  std::ostringstream o;
+  o << "torch.Size([";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << "])";
+  return o.str();
+}
+
+// Validates the arguments of batch_norm_relu (every backend kernel calls it first).
+void bnr_check_args(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
+                    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
+                    const std::optional<at::Tensor>& bias, bool training, double momentum, double eps) {
+  TORCH_CHECK(input.defined(), "batch_norm_relu: input must be a tensor");
+  TORCH_CHECK(input.dim() >= 2, "batch_norm_relu: input must have at least 2 dimensions (N, C, ...), got a ",
+              input.dim(), "-D tensor of shape ", input.sizes());
+  const auto dt = input.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
+              "batch_norm_relu: input must be float32, float16, bfloat16 or float64, got ", dt);
+  const int64_t C = input.size(1);
+  const bool reduced = dt == at::kHalf || dt == at::kBFloat16;
+  const char* names[4] = {"running_mean", "running_var", "weight", "bias"};
+  const std::optional<at::Tensor>* ts[4] = {&running_mean, &running_var, &weight, &bias};
+  std::optional<at::ScalarType> pdt;
+  const char* pname = nullptr;
+  for (int i = 0; i < 4; ++i) {
+    if (!ts[i]->has_value() || !(*ts[i])->defined()) continue;
+    const at::Tensor& t = **ts[i];
+    TORCH_CHECK(t.dim() == 1 && t.numel() == C, "batch_norm_relu: ", names[i], " must be a 1-D tensor of ", C,
+                " elements (the channel count input.size(1)), got shape ", t.sizes());
+    TORCH_CHECK(t.device() == input.device(), "batch_norm_relu: ", names[i], " must be on the input's device ",
+                input.device(), ", got ", t.device());
+    TORCH_CHECK(t.scalar_type() == dt || (reduced && t.scalar_type() == at::kFloat),
+                "batch_norm_relu: ", names[i], " must have the input's dtype ", dt,
+                reduced ? " or float32" : "", ", got ", t.scalar_type());
+    if (!pdt) { pdt = t.scalar_type(); pname = names[i]; }
+    TORCH_CHECK(t.scalar_type() == *pdt, "batch_norm_relu: ", names[i], " has dtype ", t.scalar_type(),
+                " but ", pname, " has dtype ", *pdt,
+                "; running_mean, running_var, weight and bias must share one dtype (as in torch)");
+  }
+  const bool has_rm = running_mean.has_value() && running_mean->defined();
+  const bool has_rv = running_var.has_value() && running_var->defined();
+  if (training) {
+    TORCH_CHECK_VALUE(has_rm == has_rv,
+                      "running_mean and running_var must either both be None or neither be None");
+    int64_t per_channel = input.size(0);
+    for (int64_t d = 2; d < input.dim(); ++d) per_channel *= input.size(d);
+    TORCH_CHECK_VALUE(per_channel != 1, "Expected more than 1 value per channel when training, got input size ",
+                      sizes_str(input.sizes()));
+  } else {
+    TORCH_CHECK(has_rm, "batch_norm_relu: running_mean must be defined in evaluation mode (training=False)");
+    TORCH_CHECK(has_rv, "batch_norm_relu: running_var must be defined in evaluation mode (training=False)");
+  }
+  TORCH_CHECK(std::isfinite(momentum), "batch_norm_relu: momentum must be a finite float, got ", momentum);
+  TORCH_CHECK(eps >= 0 && std::isfinite(eps), "batch_norm_relu: eps must be a finite float >= 0, got ", eps);
+}
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor opt(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+std::optional<at::Tensor> to_opt(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, double, double)>&
+fwd_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("gankern::_batch_norm_relu_fwd", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, double,
+                           double)>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const at::Tensor&, const at::Tensor&, bool)>&
+bwd_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("gankern::_batch_norm_relu_bwd", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, bool)>();
+  return op;
+}
+
+struct BatchNormReluFn : public torch::autograd::Function<BatchNormReluFn> {
+  // Optional tensors stay std::optional: Function::apply records input metadata for every
+  // defined Tensor argument and rejects undefined ones.
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
+                            const std::optional<at::Tensor>& running_mean,
+                            const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, bool training, double momentum, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, mean, invstd] = fwd_op().call(input, running_mean, running_var, weight, bias, training, momentum, eps);
+    ctx->save_for_backward({input, opt(weight), opt(bias), mean, invstd});
+    ctx->saved_data["training"] = training;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "gankern.batch_norm_relu: double backward (create_graph=True) is not supported by the "
+                "'cpp'/'cuda' backends; use backend='reference' for higher-order gradients");
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &input = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3],
+                     &invstd = saved[4];
+    const bool training = ctx->saved_data["training"].toBool();
+    at::Tensor go = grads[0];
+    if (!go.defined()) go = at::zeros_like(input);
+    auto [gi, gw, gb] = bwd_op().call(go, input, to_opt(weight), to_opt(bias), mean, invstd, training);
+    return {gi, at::Tensor(), at::Tensor(), weight.defined() ? gw : at::Tensor(),
+            bias.defined() ? gb : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor bnr_autograd(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
+                        const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& bias, bool training, double momentum, double eps) {
+  return BatchNormReluFn::apply(input, running_mean, running_var, weight, bias, training, momentum, eps);
+}
+
+at::Tensor bnr_noautograd(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
+                          const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& bias, bool training, double momentum, double eps) {
+  return std::get<0>(fwd_op().call(input, running_mean, running_var, weight, bias, training, momentum, eps));
+}
+
+}  // namespace
+}  // namespace gankern
+
+TORCH_LIBRARY_FRAGMENT(gankern, m) {
+  m.def("batch_norm_relu(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? weight, "
+        "Tensor? bias, bool training, float momentum, float eps) -> Tensor");
+  // -> (output, save_mean, save_invstd); save_* are float32 (float64 for float64 input), shape (C,)
+  m.def("_batch_norm_relu_fwd(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? weight, "
+        "Tensor? bias, bool training, float momentum, float eps) -> (Tensor, Tensor, Tensor)");
+  // -> (grad_input, grad_weight, grad_bias)
+  m.def("_batch_norm_relu_bwd(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor save_mean, "
+        "Tensor save_invstd, bool training) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(gankern, Autograd, m) {
+  m.impl("batch_norm_relu", &gankern::bnr_autograd);
+}
+
+TORCH_LIBRARY_IMPL(gankern, CompositeExplicitAutograd, m) {
+  m.impl("batch_norm_relu", &gankern::bnr_noautograd);
+}

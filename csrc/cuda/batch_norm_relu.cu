@@ -1,0 +1,405 @@
+// CUDA kernels of the fused BatchNorm + ReLU.  Plain kernels + launchers (no ATen); the glue
+// is csrc/cuda/batch_norm_relu_glue.cpp.
+//
+// Forward (training): per-channel partial statistics of x - K (K = the channel's first value) over a fixed split of the rows (each
+// thread Welford, then a fixed-order Chan merge inside the block: shared memory / warp
+// shuffles), a second kernel merging the partials in a fixed order (deterministic, no atomics)
+// that also updates the running stats and folds scale/shift, then one elementwise pass.
+// Backward: partial (sum g, sum g*(x-mean)) the same way, a per-channel final kernel, and one
+// elementwise pass for dx.  The ReLU mask is recomputed from x with the forward's fma.
+// The split of the work depends only on the shape, so the bits are reproducible.
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <cstdint>
+#include "gankern/batch_norm_relu.h"
+
+namespace gankern {
+namespace bnr {
+namespace {
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_acc(float v);
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <typename T> __device__ __forceinline__ T from_acc(double v);
+template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
+
+__device__ __forceinline__ float fma_acc(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fma_acc(double a, double b, double c) { return fma(a, b, c); }
+__device__ __forceinline__ float rsqrt_acc(float v) { return 1.0f / sqrtf(v); }
+__device__ __forceinline__ double rsqrt_acc(double v) { return 1.0 / sqrt(v); }
+
+constexpr int kRowsTX = 32, kRowsTY = 8;  // rows kernels: 32 channels x 8 row lanes
+constexpr int kPlanarThreads = 256;       // planar kernels: threads along the reduction
+
+struct Plan {
+  int64_t nprog, rows_per_prog;
+};
+
+Plan make_plan(int64_t N, int64_t C, int64_t S, bool rows) {
+  const int64_t R = N * S;
+  int64_t nprog;
+  if (rows) {
+    const int64_t cblocks = (C + kRowsTX - 1) / kRowsTX;
+    nprog = (R + 127) / 128;
+    const int64_t cap = cblocks >= 2048 ? 1 : 2048 / cblocks;
+    nprog = nprog < cap ? nprog : cap;
+  } else {
+    nprog = (R + 2047) / 2048;
+    const int64_t cap = C >= 2048 ? 1 : 2048 / C;
+    nprog = nprog < cap ? nprog : cap;
+  }
+  if (nprog < 1) nprog = 1;
+  Plan p;
+  p.rows_per_prog = (R + nprog - 1) / nprog;
+  if (p.rows_per_prog < 1) p.rows_per_prog = 1;
+  p.nprog = (R + p.rows_per_prog - 1) / p.rows_per_prog;
+  if (p.nprog < 1) p.nprog = 1;
+  return p;
+}
+
+// ------------------------------------------------------------------ forward statistics
+template <typename T, typename A>
+__global__ void stats_rows_kernel(const T* __restrict__ x, int64_t R, int64_t C, int64_t rows_per_prog,
+                                  A* __restrict__ pn, A* __restrict__ pmean, A* __restrict__ pm2) {
+  __shared__ A sn[kRowsTY][kRowsTX], sm[kRowsTY][kRowsTX], s2[kRowsTY][kRowsTX];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c = int64_t(blockIdx.x) * kRowsTX + tx;
+  const int64_t r0 = int64_t(blockIdx.y) * rows_per_prog;
+  const int64_t r1 = r0 + rows_per_prog < R ? r0 + rows_per_prog : R;
+  A n = 0, mean = 0, m2 = 0;
+  if (c < C) {
+    const A K = to_acc(x[c]);  // shift: the channel's first value (see fold_kernel)
+    for (int64_t r = r0 + ty; r < r1; r += kRowsTY) {
+      const A v = A(to_acc(x[r * C + c])) - K;
+      n += A(1);
+      const A d = v - mean;
+      mean += d / n;
+      m2 = fma_acc(d, v - mean, m2);
+    }
+  }
+  sn[ty][tx] = n;
+  sm[ty][tx] = mean;
+  s2[ty][tx] = m2;
+  __syncthreads();
+  if (ty == 0 && c < C) {
+    for (int j = 1; j < kRowsTY; ++j) chan_merge(n, mean, m2, sn[j][tx], sm[j][tx], s2[j][tx]);
+    const int64_t o = int64_t(blockIdx.y) * C + c;
+    pn[o] = n;
+    pmean[o] = mean;
+    pm2[o] = m2;
+  }
+}
+
+template <typename T, typename A>
+__global__ void stats_planar_kernel(const T* __restrict__ x, int64_t R, int64_t C, int64_t S, int64_t rows_per_prog,
+                                    A* __restrict__ pn, A* __restrict__ pmean, A* __restrict__ pm2) {
+  __shared__ A wn[kPlanarThreads / 32], wm[kPlanarThreads / 32], w2[kPlanarThreads / 32];
+  const int64_t c = blockIdx.x;
+  const int64_t r0 = int64_t(blockIdx.y) * rows_per_prog;
+  const int64_t r1 = r0 + rows_per_prog < R ? r0 + rows_per_prog : R;
+  A n = 0, mean = 0, m2 = 0;
+  const A K = to_acc(x[c * S]);  // shift: the channel's first value (see fold_kernel)
+  for (int64_t r = r0 + threadIdx.x; r < r1; r += kPlanarThreads) {
+    const int64_t nn = r / S, s = r - nn * S;
+    const A v = A(to_acc(x[(nn * C + c) * S + s])) - K;
+    n += A(1);
+    const A d = v - mean;
+    mean += d / n;
+    m2 = fma_acc(d, v - mean, m2);
+  }
+  for (int off = 16; off > 0; off >>= 1) {  // fixed shuffle tree
+    const A on = __shfl_down_sync(0xffffffffu, n, off);
+    const A om = __shfl_down_sync(0xffffffffu, mean, off);
+    const A o2 = __shfl_down_sync(0xffffffffu, m2, off);
+    chan_merge(n, mean, m2, on, om, o2);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) { wn[warp] = n; wm[warp] = mean; w2[warp] = m2; }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int j = 1; j < kPlanarThreads / 32; ++j) chan_merge(n, mean, m2, wn[j], wm[j], w2[j]);
+    const int64_t o = int64_t(blockIdx.y) * C + c;
+    pn[o] = n;
+    pmean[o] = mean;
+    pm2[o] = m2;
+  }
+}
+
+// Per channel: merge partials (training) or read the running stats (eval); running-stat update;
+// save mean / invstd; fold scale / shift.  The partials are statistics of x - K, K = the
+// channel's first value, so that fp32 keeps full precision when |mean| >> std.
+template <typename T, typename P, typename A>
+__global__ void fold_kernel(const T* __restrict__ x, int64_t S, bool rows, const A* __restrict__ pn, const A* __restrict__ pmean, const A* __restrict__ pm2,
+                            int64_t nprog, int64_t C, int64_t R, P* running_mean, P* running_var,
+                            const P* __restrict__ weight, const P* __restrict__ bias, bool training, double momentum,
+                            double eps, A* __restrict__ save_mean, A* __restrict__ save_invstd, A* __restrict__ scale,
+                            A* __restrict__ shift) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  A mean, invstd;
+  if (training) {
+    A n = 0, m = 0, m2 = 0;
+    for (int64_t i = 0; i < nprog; ++i) chan_merge(n, m, m2, pn[i * C + c], pmean[i * C + c], pm2[i * C + c]);
+    const A var = m2 / A(R);
+    if (R > 0) m += A(to_acc(x[rows ? c : c * S]));
+    mean = m;
+    invstd = rsqrt_acc(var + A(eps));
+    if (running_mean != nullptr) {
+      const A mom = A(momentum);
+      running_mean[c] = from_acc<P>((A(1) - mom) * to_acc(running_mean[c]) + mom * m);
+      running_var[c] = from_acc<P>((A(1) - mom) * to_acc(running_var[c]) + mom * (m2 / A(R - 1)));
+    }
+  } else {
+    mean = to_acc(running_mean[c]);
+    invstd = rsqrt_acc(to_acc(running_var[c]) + A(eps));
+  }
+  const A w = weight != nullptr ? A(to_acc(weight[c])) : A(1);
+  const A b = bias != nullptr ? A(to_acc(bias[c])) : A(0);
+  A sc, sf;
+  fold(mean, invstd, w, b, sc, sf);
+  save_mean[c] = mean;
+  save_invstd[c] = invstd;
+  scale[c] = sc;
+  shift[c] = sf;
+}
+
+template <typename T, typename A>
+__global__ void apply_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t total, int64_t C, int64_t S,
+                             bool rows, const A* __restrict__ scale, const A* __restrict__ shift) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = rows ? i % C : (i / S) % C;
+    const A pre = fma_acc(A(to_acc(x[i])), scale[c], shift[c]);
+    y[i] = from_acc<T>(pre <= A(0) ? A(0) : pre);  // NaN propagates, as torch.relu
+  }
+}
+
+// ------------------------------------------------------------------ backward
+template <typename T, typename P, typename A>
+__device__ __forceinline__ void channel_fold(int64_t c, const P* weight, const P* bias, const A* mean,
+                                             const A* invstd, A& m, A& sc, A& sf) {
+  const A w = weight != nullptr ? A(to_acc(weight[c])) : A(1);
+  const A b = bias != nullptr ? A(to_acc(bias[c])) : A(0);
+  m = mean[c];
+  fold(m, invstd[c], w, b, sc, sf);
+}
+
+template <typename T, typename P, typename A>
+__global__ void bwd_rows_kernel(const T* __restrict__ dy, const T* __restrict__ x, int64_t R, int64_t C,
+                                int64_t rows_per_prog, const P* weight, const P* bias, const A* __restrict__ mean,
+                                const A* __restrict__ invstd, A* __restrict__ p1, A* __restrict__ p2) {
+  __shared__ A s1[kRowsTY][kRowsTX], s2[kRowsTY][kRowsTX];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c = int64_t(blockIdx.x) * kRowsTX + tx;
+  const int64_t r0 = int64_t(blockIdx.y) * rows_per_prog;
+  const int64_t r1 = r0 + rows_per_prog < R ? r0 + rows_per_prog : R;
+  A a1 = 0, a2 = 0;
+  if (c < C) {
+    A m, sc, sf;
+    channel_fold<T, P, A>(c, weight, bias, mean, invstd, m, sc, sf);
+    for (int64_t r = r0 + ty; r < r1; r += kRowsTY) {
+      const A xv = to_acc(x[r * C + c]);
+      const A g = relu_passes(fma_acc(xv, sc, sf)) ? A(to_acc(dy[r * C + c])) : A(0);
+      a1 += g;
+      a2 = fma_acc(g, xv - m, a2);
+    }
+  }
+  s1[ty][tx] = a1;
+  s2[ty][tx] = a2;
+  __syncthreads();
+  if (ty == 0 && c < C) {
+    for (int j = 1; j < kRowsTY; ++j) { a1 += s1[j][tx]; a2 += s2[j][tx]; }
+    p1[int64_t(blockIdx.y) * C + c] = a1;
+    p2[int64_t(blockIdx.y) * C + c] = a2;
+  }
+}
+
+template <typename T, typename P, typename A>
+__global__ void bwd_planar_kernel(const T* __restrict__ dy, const T* __restrict__ x, int64_t R, int64_t C, int64_t S,
+                                  int64_t rows_per_prog, const P* weight, const P* bias, const A* __restrict__ mean,
+                                  const A* __restrict__ invstd, A* __restrict__ p1, A* __restrict__ p2) {
+  __shared__ A w1[kPlanarThreads / 32], w2[kPlanarThreads / 32];
+  const int64_t c = blockIdx.x;
+  const int64_t r0 = int64_t(blockIdx.y) * rows_per_prog;
+  const int64_t r1 = r0 + rows_per_prog < R ? r0 + rows_per_prog : R;
+  A m, sc, sf;
+  channel_fold<T, P, A>(c, weight, bias, mean, invstd, m, sc, sf);
+  A a1 = 0, a2 = 0;
+  for (int64_t r = r0 + threadIdx.x; r < r1; r += kPlanarThreads) {
+    const int64_t nn = r / S, s = r - nn * S;
+    const int64_t o = (nn * C + c) * S + s;
+    const A xv = to_acc(x[o]);
+    const A g = relu_passes(fma_acc(xv, sc, sf)) ? A(to_acc(dy[o])) : A(0);
+    a1 += g;
+    a2 = fma_acc(g, xv - m, a2);
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    a1 += __shfl_down_sync(0xffffffffu, a1, off);
+    a2 += __shfl_down_sync(0xffffffffu, a2, off);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) { w1[warp] = a1; w2[warp] = a2; }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int j = 1; j < kPlanarThreads / 32; ++j) { a1 += w1[j]; a2 += w2[j]; }
+    p1[int64_t(blockIdx.y) * C + c] = a1;
+    p2[int64_t(blockIdx.y) * C + c] = a2;
+  }
+}
+
+template <typename P, typename A>
+__global__ void bwd_final_kernel(const A* __restrict__ p1, const A* __restrict__ p2, int64_t nprog, int64_t C,
+                                 int64_t R, const P* weight, const A* __restrict__ invstd, bool training,
+                                 P* __restrict__ grad_weight, P* __restrict__ grad_bias, A* __restrict__ k1,
+                                 A* __restrict__ k2, A* __restrict__ k3) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  A sg = 0, sgd = 0;
+  for (int64_t i = 0; i < nprog; ++i) { sg += p1[i * C + c]; sgd += p2[i * C + c]; }
+  const A is = invstd[c];
+  const A w = weight != nullptr ? A(to_acc(weight[c])) : A(1);
+  grad_weight[c] = from_acc<P>(sgd * is);
+  grad_bias[c] = from_acc<P>(sg);
+  const A a = w * is;
+  k1[c] = a;
+  k2[c] = training ? -a * sg / A(R) : A(0);
+  k3[c] = training ? -a * is * is * sgd / A(R) : A(0);
+}
+
+template <typename T, typename P, typename A>
+__global__ void bwd_dx_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, int64_t total,
+                              int64_t C, int64_t S, bool rows, const P* weight, const P* bias,
+                              const A* __restrict__ mean, const A* __restrict__ invstd, const A* __restrict__ k1,
+                              const A* __restrict__ k2, const A* __restrict__ k3) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = rows ? i % C : (i / S) % C;
+    A m, sc, sf;
+    channel_fold<T, P, A>(c, weight, bias, mean, invstd, m, sc, sf);
+    const A xv = to_acc(x[i]);
+    const A g = relu_passes(fma_acc(xv, sc, sf)) ? A(to_acc(dy[i])) : A(0);
+    dx[i] = from_acc<T>(fma_acc(g, k1[c], fma_acc(xv - m, k3[c], k2[c])));
+  }
+}
+
+int elementwise_blocks(int64_t total) {
+  int64_t b = (total + 255) / 256;
+  return int(b < 65535 * 8 ? (b < 1 ? 1 : b) : 65535 * 8);
+}
+
+template <typename T, typename P, typename A>
+cudaError_t forward_impl(const T* x, T* y, int64_t N, int64_t C, int64_t S, bool rows, P* rm, P* rv, const P* w,
+                         const P* b, bool training, double momentum, double eps, A* save_mean, A* save_invstd,
+                         A* ws, cudaStream_t st) {
+  const int64_t R = N * S;
+  const Plan p = make_plan(N, C, S, rows);
+  A* pn = ws;
+  A* pmean = pn + p.nprog * C;
+  A* pm2 = pmean + p.nprog * C;
+  A* scale = pm2 + p.nprog * C;
+  A* shift = scale + C;
+  if (training && R > 0) {
+    if (rows) {
+      dim3 grid(unsigned((C + kRowsTX - 1) / kRowsTX), unsigned(p.nprog));
+      stats_rows_kernel<T, A><<<grid, dim3(kRowsTX, kRowsTY), 0, st>>>(x, R, C, p.rows_per_prog, pn, pmean, pm2);
+    } else {
+      dim3 grid(unsigned(C), unsigned(p.nprog));
+      stats_planar_kernel<T, A><<<grid, kPlanarThreads, 0, st>>>(x, R, C, S, p.rows_per_prog, pn, pmean, pm2);
+    }
+  }
+  fold_kernel<T, P, A><<<unsigned((C + 127) / 128), 128, 0, st>>>(x, S, rows, pn, pmean, pm2, training && R > 0 ? p.nprog : 0, C, R,
+                                                              rm, rv, w, b, training, momentum, eps, save_mean,
+                                                              save_invstd, scale, shift);
+  const int64_t total = R * C;
+  if (total > 0)
+    apply_kernel<T, A><<<elementwise_blocks(total), 256, 0, st>>>(x, y, total, C, S, rows, scale, shift);
+  return cudaGetLastError();
+}
+
+template <typename T, typename P, typename A>
+cudaError_t backward_impl(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S, bool rows, const P* w,
+                          const P* b, const A* mean, const A* invstd, bool training, P* gw, P* gb, A* ws,
+                          cudaStream_t st) {
+  const int64_t R = N * S;
+  const Plan p = make_plan(N, C, S, rows);
+  A* p1 = ws;
+  A* p2 = p1 + p.nprog * C;
+  A* k1 = p2 + p.nprog * C;
+  A* k2 = k1 + C;
+  A* k3 = k2 + C;
+  if (R > 0) {
+    if (rows) {
+      dim3 grid(unsigned((C + kRowsTX - 1) / kRowsTX), unsigned(p.nprog));
+      bwd_rows_kernel<T, P, A><<<grid, dim3(kRowsTX, kRowsTY), 0, st>>>(dy, x, R, C, p.rows_per_prog, w, b, mean,
+                                                                        invstd, p1, p2);
+    } else {
+      dim3 grid(unsigned(C), unsigned(p.nprog));
+      bwd_planar_kernel<T, P, A><<<grid, kPlanarThreads, 0, st>>>(dy, x, R, C, S, p.rows_per_prog, w, b, mean,
+                                                                  invstd, p1, p2);
+    }
+  }
+  bwd_final_kernel<P, A><<<unsigned((C + 127) / 128), 128, 0, st>>>(p1, p2, R > 0 ? p.nprog : 0, C, R, w, invstd,
+                                                                   training, gw, gb, k1, k2, k3);
+  const int64_t total = R * C;
+  if (total > 0)
+    bwd_dx_kernel<T, P, A><<<elementwise_blocks(total), 256, 0, st>>>(dy, x, dx, total, C, S, rows, w, b, mean,
+                                                                      invstd, k1, k2, k3);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int64_t cuda_fwd_workspace(int64_t N, int64_t C, int64_t S, bool rows) {
+  return 3 * make_plan(N, C, S, rows).nprog * C + 2 * C;
+}
+int64_t cuda_bwd_workspace(int64_t N, int64_t C, int64_t S, bool rows) {
+  return 2 * make_plan(N, C, S, rows).nprog * C + 3 * C;
+}
+
+#define GK_BNR_FWD(T, P, A)                                                                                     \
+  return forward_impl<T, P, A>(static_cast<const T*>(x), static_cast<T*>(y), N, C, S, rows,                     \
+                               static_cast<P*>(running_mean), static_cast<P*>(running_var),                     \
+                               static_cast<const P*>(weight), static_cast<const P*>(bias), training, momentum, eps, \
+                               static_cast<A*>(save_mean), static_cast<A*>(save_invstd), static_cast<A*>(workspace), \
+                               stream)
+
+cudaError_t cuda_forward(Dtype xt, Dtype pt, const void* x, void* y, int64_t N, int64_t C, int64_t S, bool rows,
+                         void* running_mean, void* running_var, const void* weight, const void* bias,
+                         bool training, double momentum, double eps, void* save_mean, void* save_invstd,
+                         void* workspace, cudaStream_t stream) {
+  if (xt == Dtype::F32 && pt == Dtype::F32) GK_BNR_FWD(float, float, float);
+  if (xt == Dtype::F64 && pt == Dtype::F64) GK_BNR_FWD(double, double, double);
+  if (xt == Dtype::F16 && pt == Dtype::F32) GK_BNR_FWD(__half, float, float);
+  if (xt == Dtype::F16 && pt == Dtype::F16) GK_BNR_FWD(__half, __half, float);
+  if (xt == Dtype::BF16 && pt == Dtype::F32) GK_BNR_FWD(__nv_bfloat16, float, float);
+  if (xt == Dtype::BF16 && pt == Dtype::BF16) GK_BNR_FWD(__nv_bfloat16, __nv_bfloat16, float);
+  return cudaErrorInvalidValue;
+}
+
+#define GK_BNR_BWD(T, P, A)                                                                                        \
+  return backward_impl<T, P, A>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), N, C, S, \
+                                rows, static_cast<const P*>(weight), static_cast<const P*>(bias),                 \
+                                static_cast<const A*>(save_mean), static_cast<const A*>(save_invstd), training,    \
+                                static_cast<P*>(grad_weight), static_cast<P*>(grad_bias), static_cast<A*>(workspace), \
+                                stream)
+
+cudaError_t cuda_backward(Dtype xt, Dtype pt, const void* dy, const void* x, void* dx, int64_t N, int64_t C,
+                          int64_t S, bool rows, const void* weight, const void* bias, const void* save_mean,
+                          const void* save_invstd, bool training, void* grad_weight, void* grad_bias,
+                          void* workspace, cudaStream_t stream) {
+  if (xt == Dtype::F32 && pt == Dtype::F32) GK_BNR_BWD(float, float, float);
+  if (xt == Dtype::F64 && pt == Dtype::F64) GK_BNR_BWD(double, double, double);
+  if (xt == Dtype::F16 && pt == Dtype::F32) GK_BNR_BWD(__half, float, float);
+  if (xt == Dtype::F16 && pt == Dtype::F16) GK_BNR_BWD(__half, __half, float);
+  if (xt == Dtype::BF16 && pt == Dtype::F32) GK_BNR_BWD(__nv_bfloat16, float, float);
+  if (xt == Dtype::BF16 && pt == Dtype::BF16) GK_BNR_BWD(__nv_bfloat16, __nv_bfloat16, float);
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace bnr
+}  // namespace gankern

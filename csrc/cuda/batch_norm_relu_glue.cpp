@@ -1,0 +1,136 @@
+// ATen glue of the CUDA kernels of batch_norm_relu (csrc/cuda/batch_norm_relu.cu): argument
+// checks, layout, allocation, stream.  Built only against a CUDA torch.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+#define GANKERN_BNR_CUDA_DECLS 1
+#include "gankern/batch_norm_relu.h"
+#include "gankern/common.h"
+
+namespace gankern {
+
+void bnr_check_args(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
+                    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
+                    const std::optional<at::Tensor>& bias, bool training, double momentum, double eps);
+
+namespace {
+
+bnr::Dtype to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return bnr::Dtype::F32;
+    case at::kHalf: return bnr::Dtype::F16;
+    case at::kBFloat16: return bnr::Dtype::BF16;
+    case at::kDouble: return bnr::Dtype::F64;
+    default: TORCH_CHECK(false, "batch_norm_relu (cuda): unsupported dtype ", t);
+  }
+}
+
+bool is_channels_last(const at::Tensor& x) {
+  if (x.dim() == 4) return x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (x.dim() == 5) return x.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+  return false;
+}
+
+// x in a supported layout; rows == true: (N*S, C) with C contiguous; else contiguous N x C x S.
+at::Tensor prepare(const at::Tensor& in, int64_t& N, int64_t& C, int64_t& S, bool& rows) {
+  at::Tensor x = in;
+  N = x.size(0);
+  C = x.size(1);
+  S = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) S *= x.size(d);
+  if (x.is_contiguous()) {
+    rows = S == 1;
+  } else if (is_channels_last(x)) {
+    rows = true;
+  } else {
+    x = x.contiguous();
+    rows = S == 1;
+  }
+  return x;
+}
+
+const void* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr() : nullptr;
+}
+
+// Contiguous version of an optional param (a copy only if it is strided).
+std::optional<at::Tensor> contig(const std::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return std::nullopt;
+  return t->is_contiguous() ? *t : t->contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_fwd_cuda(
+    const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, bool training, double momentum, double eps) {
+  bnr_check_args(input, running_mean, running_var, weight, bias, training, momentum, eps);
+  TORCH_CHECK(input.is_cuda(), "batch_norm_relu (cuda kernel): input must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(input.device());
+  int64_t N, C, S;
+  bool rows;
+  at::Tensor x = prepare(input, N, C, S, rows);
+  at::Tensor y = new_empty_like(x);
+  const auto acc_dt = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor save_mean = new_empty({C}, x.options().dtype(acc_dt));
+  at::Tensor save_invstd = new_empty({C}, x.options().dtype(acc_dt));
+  at::Tensor ws = at::empty({bnr::cuda_fwd_workspace(N, C, S, rows)}, x.options().dtype(acc_dt));
+  auto rm = contig(running_mean), rv = contig(running_var), w = contig(weight), b = contig(bias);
+  at::ScalarType pdt = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const auto* t : {&rm, &rv, &w, &b})
+    if (t->has_value()) { pdt = (*t)->scalar_type(); break; }
+  const bool has_running = rm.has_value();
+  auto err = bnr::cuda_forward(to_dtype(x.scalar_type()), to_dtype(pdt), x.data_ptr(), y.data_ptr(), N, C, S, rows,
+                               has_running ? rm->data_ptr() : nullptr, has_running ? rv->data_ptr() : nullptr,
+                               ptr_or_null(w), ptr_or_null(b), training, momentum, eps, save_mean.data_ptr(),
+                               save_invstd.data_ptr(), ws.data_ptr(), at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "batch_norm_relu (cuda) forward failed: ", cudaGetErrorString(err));
+  if (training && has_running) {  // strided running stats were updated in a contiguous copy
+    if (!running_mean->is_same(*rm)) running_mean->copy_(*rm);
+    if (!running_var->is_same(*rv)) running_var->copy_(*rv);
+  }
+  return {y, save_mean, save_invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& input,
+                                                            const std::optional<at::Tensor>& weight,
+                                                            const std::optional<at::Tensor>& bias,
+                                                            const at::Tensor& save_mean,
+                                                            const at::Tensor& save_invstd, bool training) {
+  TORCH_CHECK(input.is_cuda() && grad_out.is_cuda(), "batch_norm_relu (cuda) backward: tensors must be on CUDA");
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "batch_norm_relu backward: grad_out must have the input's shape ",
+              input.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "batch_norm_relu backward: grad_out must have dtype ",
+              input.scalar_type(), ", got ", grad_out.scalar_type());
+  const c10::cuda::CUDAGuard guard(input.device());
+  int64_t N, C, S;
+  bool rows;
+  at::Tensor x = prepare(input, N, C, S, rows);
+  const auto acc_dt = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(save_mean.numel() == C && save_invstd.numel() == C && save_mean.scalar_type() == acc_dt &&
+                  save_invstd.scalar_type() == acc_dt,
+              "batch_norm_relu backward: save_mean/save_invstd must be ", acc_dt, " tensors of ", C, " elements");
+  at::Tensor dy = x.is_contiguous() ? grad_out.contiguous()
+                                    : grad_out.contiguous(x.dim() == 4 ? at::MemoryFormat::ChannelsLast
+                                                                       : at::MemoryFormat::ChannelsLast3d);
+  at::Tensor dx = new_empty_like(x);
+  auto w = contig(weight), b = contig(bias);
+  at::ScalarType pdt = w.has_value() ? w->scalar_type() : (b.has_value() ? b->scalar_type() : acc_dt);
+  at::Tensor gw = new_empty({C}, x.options().dtype(pdt));
+  at::Tensor gb = new_empty({C}, x.options().dtype(pdt));
+  at::Tensor ws = at::empty({bnr::cuda_bwd_workspace(N, C, S, rows)}, x.options().dtype(acc_dt));
+  at::Tensor sm = save_mean.contiguous(), si = save_invstd.contiguous();
+  auto err = bnr::cuda_backward(to_dtype(x.scalar_type()), to_dtype(pdt), dy.data_ptr(), x.data_ptr(), dx.data_ptr(),
+                                N, C, S, rows, ptr_or_null(w), ptr_or_null(b), sm.data_ptr(), si.data_ptr(), training,
+                                gw.data_ptr(), gb.data_ptr(), ws.data_ptr(), at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "batch_norm_relu (cuda) backward failed: ", cudaGetErrorString(err));
+  return {dx, gw, gb};
+}
+
+}  // namespace
+}  // namespace gankern
+
+TORCH_LIBRARY_IMPL(gankern, CUDA, m) {
+  m.impl("_batch_norm_relu_fwd", &gankern::bnr_fwd_cuda);
+  m.impl("_batch_norm_relu_bwd", &gankern::bnr_bwd_cuda);
+}

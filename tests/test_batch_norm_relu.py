@@ -1,0 +1,467 @@
+"""gankern.batch_norm_relu == relu(F.batch_norm(...)) on every backend, against PyTorch in float64.
+
+Covering set (not the full cross product): the cpp backend gets every layout x dtype x mode with
+odd sizes, Triton (interpreter) the same layouts at small sizes, reference a few; affine on/off,
+running stats on/off, momenta and zero-weight channels rotate through the cases.
+"""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gankern
+from conftest import CPU_BACKENDS
+from tolerances import assert_close, sqrt_scale
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+# ----------------------------------------------------------------------------- helpers
+def make_input(shape, fmt, dtype, device="cpu", offset=0.5, spread=2.0):
+    """fmt: "contig", "cl" (channels-last), "noncontig" (a strided view)."""
+    if fmt == "noncontig":
+        if len(shape) == 2:  # a transposed (C, N) buffer
+            x = (torch.randn(shape[::-1], device=device) * spread + offset).to(dtype).t()
+        else:  # every other element of a wider last dim
+            big = list(shape)
+            big[-1] *= 2
+            x = (torch.randn(big, device=device) * spread + offset).to(dtype)[..., ::2]
+        assert not x.is_contiguous()
+        return x
+    x = (torch.randn(shape, device=device) * spread + offset).to(dtype)
+    if fmt == "cl":
+        x = x.to(memory_format=torch.channels_last)
+    return x
+
+
+def make_params(C, dtype, pdtype, affine, running, device="cpu", zero_weight=False):
+    w = b = rm = rv = None
+    if affine:
+        w = torch.randn(C, device=device).to(pdtype)
+        if zero_weight:
+            w[0] = 0.0
+        b = torch.randn(C, device=device).to(pdtype)
+    if running:
+        rm = torch.randn(C, device=device).to(pdtype)
+        rv = (torch.rand(C, device=device) + 0.5).to(pdtype)
+    return w, b, rm, rv
+
+
+def clone_opt(t, **kw):
+    return None if t is None else t.detach().clone().to(**kw)
+
+
+def run(fn, x, w, b, rm, rv, training, momentum, eps, grad, dtype64=None):
+    """Runs fn (a batch_norm_relu), returns (y, running_mean, running_var, dx, dw, db)."""
+    kw = {} if dtype64 is None else dict(dtype=dtype64)
+    xi = x.detach().clone().to(**kw).requires_grad_()
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() and dtype64 is None:
+        pass
+    wi = clone_opt(w, **kw)
+    bi = clone_opt(b, **kw)
+    if wi is not None:
+        wi.requires_grad_()
+    if bi is not None:
+        bi.requires_grad_()
+    rmi, rvi = clone_opt(rm, **kw), clone_opt(rv, **kw)
+    y = fn(xi, rmi, rvi, wi, bi, training, momentum, eps)
+    leaves = [t for t in (xi, wi, bi) if t is not None]
+    grads = torch.autograd.grad(y, leaves, grad.to(y.dtype))
+    dx = grads[0]
+    dw = grads[1] if wi is not None else None
+    db = grads[-1] if bi is not None else None
+    return y, rmi, rvi, dx, dw, db
+
+
+def torch64(x, rm, rv, w, b, training, momentum, eps):
+    return F.relu(F.batch_norm(x, rm, rv, w, b, training, momentum, eps))
+
+
+def no_kink_grad(grad, x, w, b, rm, rv, training, eps):
+    """Zero the upstream gradient where the fp64 pre-activation is within 1e-5 of the ReLU's kink:
+    there relu' is ambiguous (fp32 and fp64 may round to opposite sides, e.g. an element equal to
+    the mean with no affine), so no backend can be held to the fp64 choice."""
+    d = dict(dtype=torch.float64)
+    pre = F.batch_norm(x.double(), clone_opt(rm, **d), clone_opt(rv, **d), clone_opt(w, **d), clone_opt(b, **d),
+                       training, 0.1, eps)
+    return grad.masked_fill(pre.abs() < 1e-5, 0)
+
+
+def check_against_torch(backend, shape, fmt, dtype, training, momentum=0.1, affine=True, running=True,
+                        pdtype=None, zero_weight=False, eps=1e-5):
+    pdtype = pdtype or (dtype if dtype == torch.float64 else torch.float32)
+    x = make_input(shape, fmt, dtype)
+    C = shape[1]
+    w, b, rm, rv = make_params(C, dtype, pdtype, affine, running or not training, zero_weight=zero_weight)
+    grad = no_kink_grad(torch.randn(shape).to(dtype), x, w, b, rm, rv, training, eps)
+
+    def ours(*a):
+        return gankern.batch_norm_relu(*a, backend=backend)
+
+    y, rm1, rv1, dx, dw, db = run(ours, x, w, b, rm, rv, training, momentum, eps, grad)
+    ye, rme, rve, dxe, dwe, dbe = run(torch64, x, w, b, rm, rv, training, momentum, eps, grad, torch.float64)
+    M = x.numel() // C
+    assert_close(y, ye, dtype, name="output")
+    if fmt == "cl":
+        assert y.is_contiguous(memory_format=torch.channels_last), "output lost the channels-last format"
+        assert dx.is_contiguous(memory_format=torch.channels_last) or dx.is_contiguous(), "grad_input layout"
+    if rm is not None:
+        assert_close(rm1, rme, rm1.dtype, scale=2, name="running_mean")
+        assert_close(rv1, rve, rv1.dtype, scale=2, name="running_var")
+    red = sqrt_scale(M) * 4  # reductions over M values
+    assert_close(dx, dxe, dtype, scale=4, name="grad_input")
+    if affine:
+        # dweight / dbias are sums over M values of the (rounded) input: scale by their magnitude
+        mag = max(1.0, dbe.abs().max().item(), dwe.abs().max().item()) if dtype != torch.float32 else red
+        dt = torch.float32 if dtype == torch.float32 else dtype
+        assert_close(dw.double(), dwe, dt, scale=mag if dtype != torch.float32 else red, name="grad_weight")
+        assert_close(db.double(), dbe, dt, scale=mag if dtype != torch.float32 else red, name="grad_bias")
+
+
+# ----------------------------------------------------------------------------- covering set
+CPP_CASES = [
+    ((2, 1), "contig"), ((3, 3), "contig"), ((127, 64), "contig"), ((1000, 3), "contig"), ((64, 1000), "contig"),
+    ((127, 64), "noncontig"),
+    ((3, 3, 7), "contig"), ((127, 64, 5), "contig"), ((2, 1000, 3), "contig"), ((3, 3, 7), "noncontig"),
+    ((2, 3, 5, 7), "contig"), ((3, 64, 3, 3), "cl"), ((3, 1, 7, 9), "contig"), ((2, 3, 5, 7), "cl"),
+    ((5, 6, 3, 4), "noncontig"),
+]
+
+
+def _variants():
+    out = []
+    for i, ((shape, fmt), dtype, training) in enumerate(itertools.product(CPP_CASES, DTYPES, (True, False))):
+        affine = i % 3 != 1
+        running = (i % 4 != 2) or not training
+        momentum = (0.1, 0.0, 1.0, 0.37)[i % 4]
+        zero_w = affine and i % 5 == 0
+        pdtype = dtype if (dtype != torch.float32 and i % 2 == 0) else None
+        tag = f"{'x'.join(map(str, shape))}-{fmt}-{str(dtype)[6:]}-{'train' if training else 'eval'}"
+        out.append(pytest.param(shape, fmt, dtype, training, affine, running, momentum, zero_w, pdtype, id=tag))
+    return out
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="compiled extension not built")
+@pytest.mark.parametrize("shape,fmt,dtype,training,affine,running,momentum,zero_w,pdtype", _variants())
+def test_cpp_matches_torch(shape, fmt, dtype, training, affine, running, momentum, zero_w, pdtype):
+    check_against_torch("cpp", shape, fmt, dtype, training, momentum, affine, running, pdtype, zero_w)
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="compiled extension not built")
+@pytest.mark.parametrize("shape,fmt", [((1000, 1000), "contig"), ((128, 64, 8, 8), "cl"), ((128, 64, 9, 9), "contig")])
+def test_cpp_large(shape, fmt):
+    check_against_torch("cpp", shape, fmt, torch.float32, True, 0.1, True, True)
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="compiled extension not built")
+@pytest.mark.parametrize("training", [True, False])
+def test_cpp_float64(training):
+    check_against_torch("cpp", (7, 5, 3), "contig", torch.float64, training)
+    check_against_torch("cpp", (9, 4), "contig", torch.float64, training)
+
+
+TRITON_CASES = [((3, 5), "contig"), ((16, 70), "contig"), ((7, 3, 6), "contig"), ((2, 3, 5, 7), "cl"),
+                ((2, 3, 4, 5), "contig"), ((5, 4), "noncontig")]
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton not available")
+@pytest.mark.parametrize("shape,fmt", TRITON_CASES)
+@pytest.mark.parametrize("dtype,training", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True),
+                                            (torch.float16, False)])
+def test_triton_matches_torch(shape, fmt, dtype, training):
+    i = len(shape) + shape[0]
+    check_against_torch("triton", shape, fmt, dtype, training, momentum=(0.1, 0.5)[i % 2], affine=i % 3 != 0,
+                        running=True, pdtype=dtype if i % 2 else None, zero_weight=True)
+
+
+@pytest.mark.parametrize("shape,fmt,dtype,training", [((5, 4), "contig", torch.float32, True),
+                                                       ((3, 4, 5, 2), "cl", torch.bfloat16, False)])
+def test_reference_matches_torch(shape, fmt, dtype, training):
+    check_against_torch("reference", shape, fmt, dtype, training)
+
+
+def test_triton_rejects_float64():
+    if "triton" not in CPU_BACKENDS:
+        pytest.skip("triton not available")
+    with pytest.raises(RuntimeError, match="float64"):
+        gankern.batch_norm_relu(torch.randn(4, 3, dtype=torch.float64), None, None, training=True, backend="triton")
+
+
+# ----------------------------------------------------------------------------- gradcheck, opcheck, compile
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(6, 4), (3, 2, 5)])
+def test_gradcheck_fp64(backend, training, shape):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    C = shape[1]
+    w = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
+
+    def f(x, w, b):  # fresh running stats each call: the function must be pure for gradcheck
+        return gankern.batch_norm_relu(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+def test_reference_double_backward():
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    f = lambda x, w: gankern.batch_norm_relu(x, None, None, w, None, True, backend="reference")  # noqa: E731
+    assert torch.autograd.gradgradcheck(f, (x, w))
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
+def test_double_backward_raises(backend):
+    x = torch.randn(6, 3, requires_grad=True)
+    y = gankern.batch_norm_relu(x, None, None, None, None, True, backend=backend)
+    (g,) = torch.autograd.grad(y.sum(), x, create_graph=False)
+    assert g.shape == x.shape
+    y = gankern.batch_norm_relu(x, None, None, None, None, True, backend=backend)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
+def _opcheck_args(training, with_stats=True, affine=True):
+    x = torch.randn(8, 5, 3, requires_grad=True)
+    w = torch.randn(5, requires_grad=True) if affine else None
+    b = torch.randn(5, requires_grad=True) if affine else None
+    rm, rv = (torch.randn(5), torch.rand(5) + 0.5) if with_stats else (None, None)
+    return x, rm, rv, w, b, training, 0.1, 1e-5
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="compiled extension not built")
+@pytest.mark.parametrize("training,with_stats,affine", [(True, True, True), (False, True, True), (True, False, False)])
+def test_opcheck_cpp(training, with_stats, affine):
+    args = _opcheck_args(training, with_stats, affine)
+    torch.library.opcheck(torch.ops.gankern.batch_norm_relu.default, args)
+    x, rm, rv, w, b = args[:5]
+    det = [None if t is None else t.detach() for t in (x, rm, rv, w, b)]
+    torch.library.opcheck(torch.ops.gankern._batch_norm_relu_fwd.default, (*det, training, 0.1, 1e-5))
+    y, mean, invstd = torch.ops.gankern._batch_norm_relu_fwd(*det, training, 0.1, 1e-5)
+    torch.library.opcheck(torch.ops.gankern._batch_norm_relu_bwd.default,
+                          (torch.randn_like(y), det[0], det[3], det[4], mean, invstd, training))
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton not available")
+@pytest.mark.parametrize("training", [True, False])
+def test_opcheck_triton(training):
+    args = _opcheck_args(training)
+    torch.library.opcheck(torch.ops.gankern._batch_norm_relu_triton_fwd.default, args)
+    x, rm, rv, w, b = [t.detach() for t in args[:5]]
+    y, mean, invstd, _, _ = torch.ops.gankern._batch_norm_relu_triton_fwd(x, rm, rv, w, b, training, 0.1, 1e-5)
+    torch.library.opcheck(torch.ops.gankern._batch_norm_relu_triton_bwd.default,
+                          (torch.randn_like(y), x, w, b, mean, invstd, training))
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
+@pytest.mark.parametrize("fmt", ["contig", "cl"])
+def test_torch_compile_fullgraph(backend, fmt):
+    torch._dynamo.reset()
+    shape = (6, 5, 3, 2)
+    x0 = make_input(shape, fmt, torch.float32)
+    w = torch.randn(5, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+
+    def step(x, rm, rv):
+        y = gankern.batch_norm_relu(x, rm, rv, w, b, True, 0.1, 1e-5, backend=backend)
+        return (y * y).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = {}
+    for name, fn in (("eager", step), ("compiled", compiled)):
+        x = x0.clone().requires_grad_()
+        rm, rv = torch.zeros(5), torch.ones(5)
+        for _ in range(2):  # two steps: running stats must accumulate in place
+            loss = fn(x, rm, rv)
+        gx, gw, gb = torch.autograd.grad(loss, (x, w, b))
+        out[name] = (loss, rm, rv, gx, gw, gb)
+    for a, e in zip(out["compiled"], out["eager"]):
+        torch.testing.assert_close(a, e)
+    assert out["eager"][1].abs().sum() > 0  # the running mean did move
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="compiled extension not built")
+def test_torch_compile_inductor_cpp():
+    torch._dynamo.reset()
+    x = torch.randn(16, 8, requires_grad=True)
+    rm, rv = torch.zeros(8), torch.ones(8)
+    rm2, rv2 = torch.zeros(8), torch.ones(8)
+    f = lambda x, rm, rv: gankern.batch_norm_relu(x, rm, rv, None, None, True, 0.2, 1e-5, backend="cpp")  # noqa
+    y1 = torch.compile(f, fullgraph=True)(x, rm, rv)
+    y2 = f(x, rm2, rv2)
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(rm, rm2)
+    torch.testing.assert_close(rv, rv2)
+
+
+# ----------------------------------------------------------------------------- numerics
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
+@pytest.mark.parametrize("shape,fmt", [((1000, 8), "contig"), ((50, 4, 6, 5), "contig"), ((50, 4, 6, 5), "cl")])
+def test_large_offset_small_spread(backend, shape, fmt):
+    """Channel offset 1e4, spread 1e-2 in fp32: a naive E[x^2] - E[x]^2 would give garbage."""
+    if backend == "triton":
+        shape = (shape[0] // 4,) + shape[1:]
+    C = shape[1]
+    offsets = 1e4 * (1 + torch.arange(C, dtype=torch.float64) / C)
+    view = (1, C) + (1,) * (len(shape) - 2)
+    x = (offsets.view(view) + 1e-2 * torch.randn(shape, dtype=torch.float64)).float()
+    if fmt == "cl":
+        x = x.to(memory_format=torch.channels_last)
+    rm, rv = torch.zeros(C), torch.ones(C)
+    y = gankern.batch_norm_relu(x, rm, rv, None, None, True, 1.0, 1e-5, backend=backend)
+    x64 = x.double()
+    dims = [0] + list(range(2, len(shape)))
+    mean64 = x64.mean(dims)
+    var64 = x64.var(dims, unbiased=True)
+    torch.testing.assert_close(rm.double(), mean64, rtol=1e-7, atol=0)
+    torch.testing.assert_close(rv.double(), var64, rtol=1e-4, atol=0)  # the spread itself is only 1e-4
+    # output: as good as torch's own fp32 kernel (the fp32 mean itself carries ~ulp(1e4) / 1e-2 error)
+    ye = F.relu(F.batch_norm(x64, None, None, training=True, eps=1e-5))
+    yt = F.relu(F.batch_norm(x, None, None, training=True, eps=1e-5)).double()
+    err, err_torch = (y.double() - ye).abs().max().item(), (yt - ye).abs().max().item()
+    assert err <= 2 * err_torch + 1e-3, (err, err_torch)
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+def test_nan_inf_like_torch(backend):
+    x = torch.randn(9, 4, 3)
+    x[2, 1, 0] = float("nan")
+    x[4, 3, 1] = float("inf")
+    for training in (True, False):
+        rm, rv = torch.zeros(4), torch.ones(4)
+        rme, rve = rm.double(), rv.double()
+        y = gankern.batch_norm_relu(x, rm, rv, None, None, training, backend=backend)
+        ye = torch64(x.double(), rme, rve, None, None, training, 0.1, 1e-5)
+        assert_close(y, ye, torch.float32)
+        assert_close(rm, rme, torch.float32, name="running_mean")
+        assert_close(rv, rve, torch.float32, name="running_var")
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="compiled extension not built")
+@pytest.mark.parametrize("shape,fmt", [((1000, 300), "contig"), ((64, 32, 9, 9), "contig"), ((64, 32, 9, 9), "cl"),
+                                       ((4000, 3, 5), "contig")])
+def test_cpp_deterministic_any_thread_count(shape, fmt):
+    x0 = make_input(shape, fmt, torch.float32)
+    C = shape[1]
+    w, b = torch.randn(C), torch.randn(C)
+    g = torch.randn(shape)
+    results = []
+    n0 = torch.get_num_threads()
+    try:
+        for threads in (n0, 1, n0):
+            torch.set_num_threads(threads)
+            x = x0.clone().requires_grad_()
+            wi, bi = w.clone().requires_grad_(), b.clone().requires_grad_()
+            rm, rv = torch.zeros(C), torch.ones(C)
+            y = gankern.batch_norm_relu(x, rm, rv, wi, bi, True, backend="cpp")
+            results.append((y, rm, rv, *torch.autograd.grad(y, (x, wi, bi), g)))
+    finally:
+        torch.set_num_threads(n0)
+    for other in results[1:]:
+        for a, e in zip(other, results[0]):
+            assert torch.equal(a, e), "results differ between runs / thread counts"
+
+
+def test_triton_deterministic():
+    if "triton" not in CPU_BACKENDS:
+        pytest.skip("triton not available")
+    x = torch.randn(40, 6, 5)
+    ys = [gankern.batch_norm_relu(x, None, None, None, None, True, backend="triton") for _ in range(2)]
+    assert torch.equal(ys[0], ys[1])
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="compiled extension not built")
+def test_cpp_empty_batch_eval():
+    x = torch.randn(0, 3, 4)
+    y = gankern.batch_norm_relu(x, torch.zeros(3), torch.ones(3), backend="cpp")
+    assert y.shape == x.shape
+
+
+# ----------------------------------------------------------------------------- bad input
+BAD = [
+    (lambda: (torch.randn(5), torch.zeros(5), torch.ones(5), None, None, False), RuntimeError, "input must have at least 2"),
+    (lambda: (torch.randn(4, 3), torch.zeros(4), torch.ones(3), None, None, False), RuntimeError, "running_mean must be a 1-D tensor of 3"),
+    (lambda: (torch.randn(4, 3), torch.zeros(3), torch.ones(2, 3), None, None, False), RuntimeError, "running_var must be a 1-D tensor of 3"),
+    (lambda: (torch.randn(4, 3), None, None, torch.ones(4), None, True), RuntimeError, "weight must be a 1-D tensor of 3"),
+    (lambda: (torch.randn(4, 3), None, None, None, torch.ones(2), True), RuntimeError, "bias must be a 1-D tensor of 3"),
+    (lambda: (torch.randn(4, 3), None, None, torch.ones(3, dtype=torch.float64), None, True), RuntimeError, "weight must have the input's dtype"),
+    (lambda: (torch.randn(4, 3).half(), torch.zeros(3), torch.ones(3), torch.ones(3).half(), None, True), RuntimeError, "must share one dtype"),
+    (lambda: (torch.randn(4, 3), None, None, torch.ones(3, device="meta"), None, True), RuntimeError, "weight must be on the input's device"),
+    (lambda: (torch.randint(0, 5, (4, 3)), None, None, None, None, True), RuntimeError, "input must be float32"),
+    (lambda: (torch.randn(1, 3), None, None, None, None, True), ValueError, r"Expected more than 1 value per channel when training, got input size torch.Size\(\[1, 3\]\)"),
+    (lambda: (torch.randn(1, 3, 1, 1), None, None, None, None, True), ValueError, "Expected more than 1 value per channel"),
+    (lambda: (torch.randn(4, 3), None, None, None, None, False), RuntimeError, "running_mean must be defined in evaluation mode"),
+    (lambda: (torch.randn(4, 3), torch.zeros(3), None, None, None, True), ValueError, "both be None or neither"),
+]
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
+@pytest.mark.parametrize("i", range(len(BAD)))
+def test_bad_input_clear_error(backend, i):
+    make, exc, msg = BAD[i]
+    args = make()
+    with pytest.raises(exc, match=msg):
+        gankern.batch_norm_relu(*args, backend=backend)
+
+
+def test_not_a_tensor():
+    with pytest.raises(TypeError, match="input must be a tensor"):
+        gankern.batch_norm_relu([1.0, 2.0], None, None, training=True)
+
+
+# ----------------------------------------------------------------------------- GPU (skipped here)
+def _cuda_backends():
+    return [b for b in ("cuda", "triton") if gankern.backends()[b]["available"]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,fmt", [((3, 5), "contig"), ((127, 64), "contig"), ((1000, 1000), "contig"),
+                                       ((7, 3, 11), "contig"), ((128, 64, 8, 8), "cl"), ((3, 64, 9, 7), "contig"),
+                                       ((5, 6, 3, 4), "noncontig")])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_gpu_backends_match_torch(shape, fmt, dtype, training):
+    for backend in _cuda_backends():
+        C = shape[1]
+        x = make_input(shape, fmt, dtype, device="cuda")
+        w, b, rm, rv = make_params(C, dtype, torch.float32, True, True, device="cuda", zero_weight=True)
+        grad = no_kink_grad(torch.randn(shape, device="cuda").to(dtype), x, w, b, rm, rv, training, 1e-5)
+        ours = lambda *a: gankern.batch_norm_relu(*a, backend=backend)  # noqa: E731
+        y, rm1, rv1, dx, dw, db = run(ours, x, w, b, rm, rv, training, 0.1, 1e-5, grad)
+        ye, rme, rve, dxe, dwe, dbe = run(torch64, x, w, b, rm, rv, training, 0.1, 1e-5, grad, torch.float64)
+        M = x.numel() // C
+        assert_close(y, ye, dtype, name=f"{backend} output")
+        assert_close(rm1, rme, torch.float32, scale=2, name=f"{backend} running_mean")
+        assert_close(rv1, rve, torch.float32, scale=2, name=f"{backend} running_var")
+        assert_close(dx, dxe, dtype, scale=4, name=f"{backend} grad_input")
+        mag = max(sqrt_scale(M) * 4, dbe.abs().max().item(), dwe.abs().max().item())
+        assert_close(dw, dwe, torch.float32 if dtype == torch.float32 else dtype, scale=mag, name=f"{backend} dw")
+        assert_close(db, dbe, torch.float32 if dtype == torch.float32 else dtype, scale=mag, name=f"{backend} db")
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_and_offset():
+    for backend in _cuda_backends():
+        x = (1e4 + 1e-2 * torch.randn(4096, 256, device="cuda", dtype=torch.float64)).float()
+        outs = []
+        for _ in range(2):
+            rm, rv = torch.zeros(256, device="cuda"), torch.ones(256, device="cuda")
+            outs.append((gankern.batch_norm_relu(x, rm, rv, None, None, True, 1.0, backend=backend), rm, rv))
+        for a, e in zip(outs[0], outs[1]):
+            assert torch.equal(a, e)
+        torch.testing.assert_close(outs[0][2].double(), x.double().var(0), rtol=1e-4, atol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_opcheck_and_gradcheck():
+    if "cuda" not in _cuda_backends():
+        pytest.skip("cuda backend not built")
+    x = torch.randn(8, 5, 3, device="cuda", dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, device="cuda", dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.zeros(5, device="cuda", dtype=torch.float64), torch.ones(5, device="cuda", dtype=torch.float64)
+    torch.library.opcheck(torch.ops.gankern.batch_norm_relu.default, (x, rm, rv, w, None, True, 0.1, 1e-5))
+    f = lambda x, w: gankern.batch_norm_relu(x, rm.clone(), rv.clone(), w, None, True, backend="cuda")  # noqa
+    assert torch.autograd.gradcheck(f, (x, w))
