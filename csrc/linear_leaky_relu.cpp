@@ -90,46 +90,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> call_bwd(const at::Tensor& g, con
 }
 
 // y = leaky_relu(input @ weight^T + bias, slope) for slope >= 0 (see the header comment).
+// The shared backward; `nb` = bias gradient wanted.
+variable_list llr_backward(AutogradContext* ctx, const at::Tensor& g, bool nx, bool nw, bool nb) {
+  auto saved = ctx->get_saved_variables();
+  const at::Tensor& x = saved[0];
+  const at::Tensor& w = saved[1];
+  const at::Tensor& y = saved[2];
+  const double slope = ctx->saved_data["slope"].toDouble();
+  at::Tensor gx, gw, gb;
+  if (!g.defined() || !(nx || nw || nb)) return {gx, gw, gb};
+  if (at::GradMode::is_enabled()) {
+    // create_graph=True: differentiable ATen ops, so the gradient can be differentiated again
+    // (WGAN-GP / R1 penalties).  The mask is piecewise constant: no gradient flows through y.
+    const int64_t N = w.size(0), K = w.size(1);
+    const int64_t M = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
+    at::Tensor dz = at::where(y.detach() > 0, g, g * slope).reshape({M, N});
+    if (nx) gx = dz.mm(w).reshape(x.sizes());
+    if (nw) gw = dz.t().mm(x.reshape({M, K}));
+    if (nb) gb = dz.sum(0);
+  } else {
+    std::tie(gx, gw, gb) = call_bwd(g, y, x, w, slope, {nx, nw, nb});
+  }
+  return {gx, gw, gb};
+}
+
+at::Tensor llr_forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, double slope) {
+  at::Tensor y;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    y = call_fwd(input, weight, bias, slope);
+  }
+  ctx->save_for_backward({input, weight, y});
+  ctx->saved_data["slope"] = slope;
+  return y;
+}
+
 struct LinearLeakyReLUFn : public torch::autograd::Function<LinearLeakyReLUFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
                             const at::Tensor& bias, double slope) {
-    at::Tensor y;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      y = call_fwd(input, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, slope);
-    }
-    ctx->save_for_backward({input, weight, y});
-    ctx->saved_data["slope"] = slope;
-    ctx->saved_data["bias"] = bias.defined();
-    return y;
+    return llr_forward(ctx, input, weight, bias, slope);
   }
-
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const at::Tensor& x = saved[0];
-    const at::Tensor& w = saved[1];
-    const at::Tensor& y = saved[2];
-    const double slope = ctx->saved_data["slope"].toDouble();
-    const bool nx = ctx->needs_input_grad(0), nw = ctx->needs_input_grad(1);
-    const bool nb = ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2);
-    at::Tensor g = grads[0];
-    at::Tensor gx, gw, gb;
-    if (!g.defined() || !(nx || nw || nb)) return {gx, gw, gb, at::Tensor()};
-    if (at::GradMode::is_enabled()) {
-      // create_graph=True: differentiable ATen ops, so the gradient can be differentiated again
-      // (WGAN-GP / R1 penalties).  The mask is piecewise constant: no gradient flows through y.
-      const int64_t N = w.size(0), K = w.size(1);
-      const int64_t M = K > 0 ? x.numel() / K : c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
-      at::Tensor dz = at::where(y.detach() > 0, g, g * slope).reshape({M, N});
-      if (nx) gx = dz.mm(w).view(x.sizes());
-      if (nw) gw = dz.t().mm(x.reshape({M, K}));
-      if (nb) gb = dz.sum(0);
-    } else {
-      std::tie(gx, gw, gb) = call_bwd(g, y, x, w, slope, {nx, nw, nb});
-    }
-    return {gx, gw, gb, at::Tensor()};
+    auto r = llr_backward(ctx, grads[0], ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2));
+    return {r[0], r[1], r[2], at::Tensor()};
   }
 };
+
+struct LinearLeakyReLUNoBiasFn : public torch::autograd::Function<LinearLeakyReLUNoBiasFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight, double slope) {
+    return llr_forward(ctx, input, weight, std::nullopt, slope);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto r = llr_backward(ctx, grads[0], ctx->needs_input_grad(0), ctx->needs_input_grad(1), false);
+    return {r[0], r[1], at::Tensor()};
+  }
+};
+
+at::Tensor apply_fn(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                    double slope) {
+  if (bias.has_value() && bias->defined()) return LinearLeakyReLUFn::apply(input, weight, *bias, slope);
+  return LinearLeakyReLUNoBiasFn::apply(input, weight, slope);
+}
 
 const char* kOp = "gankern.linear_leaky_relu";
 
@@ -137,9 +159,9 @@ at::Tensor llr_autograd(const at::Tensor& input, const at::Tensor& weight, const
                         double slope) {
   const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
   check_args(input, weight, b, kOp);
-  if (slope >= 0) return LinearLeakyReLUFn::apply(input, weight, b, slope);
+  if (slope >= 0) return apply_fn(input, weight, bias, slope);
   // negative (or NaN) slope: the output's sign no longer tells the pre-activation's sign.
-  return at::leaky_relu(LinearLeakyReLUFn::apply(input, weight, b, 1.0), slope);
+  return at::leaky_relu(apply_fn(input, weight, bias, 1.0), slope);
 }
 
 at::Tensor llr_composite(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
