@@ -13,6 +13,7 @@
 #include <c10/util/irange.h>
 #include <ATen/OpMathType.h>
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 #include "gankern/common.h"
 #include "gankern/linear_leaky_relu.h"
@@ -22,6 +23,19 @@ namespace llr {
 namespace {
 
 const char* kFwd = "gankern._linear_leaky_relu_fwd";
+
+// Threading of the GEMMs.  At GAN sizes MKL's own threading of one GEMM scales poorly on few
+// cores, so with T threads the forward splits its rows into T blocks, each a single-threaded
+// GEMM (MKL runs sequentially inside a parallel region) followed by the epilogue while the block
+// is still in cache; the backward runs the dX and dW GEMMs side by side.
+// GANKERN_LLR_SPLIT=0 turns this off (MKL threads each GEMM) for comparisons.
+bool split_gemms() {
+  static const bool on = [] {
+    const char* e = std::getenv("GANKERN_LLR_SPLIT");
+    return !(e != nullptr && e[0] == '0');
+  }();
+  return on && at::get_num_threads() > 1 && !at::in_parallel_region();
+}
 const char* kBwd = "gankern._linear_leaky_relu_bwd";
 
 int64_t rows_of(const at::Tensor& input) {
@@ -63,13 +77,33 @@ at::Tensor fwd_cpu(const at::Tensor& input, const at::Tensor& weight, const std:
   const at::Tensor x2 = input.reshape({M, K});
   const auto st = input.scalar_type();
   if (st == at::kFloat || st == at::kDouble) {
-    at::mm_out(out2, x2, weight.t());
-    if (!bias.defined() && slope == 1.0) return out;
     AT_DISPATCH_FLOATING_TYPES(st, "llr_fwd_cpu", [&] {
       const at::Tensor b = bias.defined() ? bias.contiguous() : at::Tensor();
-      scalar_t* o = out2.data_ptr<scalar_t>();
-      epilogue<scalar_t, scalar_t>(o, o, b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, M, N,
-                                   static_cast<scalar_t>(slope));
+      const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+      const bool act = b.defined() || slope != 1.0;
+      const at::Tensor wt = weight.t();
+      const int64_t T = at::get_num_threads();
+      if (split_gemms() && M >= 2 * 16) {
+        const int64_t rows = (M + T - 1) / T;
+        at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t r0 = t * rows, r1 = std::min(M, r0 + rows);
+            if (r0 >= r1) continue;
+            at::Tensor o = out2.narrow(0, r0, r1 - r0);
+            at::mm_out(o, x2.narrow(0, r0, r1 - r0), wt);
+            if (act) {  // inside the parallel region: runs sequentially on this block
+              scalar_t* op = o.data_ptr<scalar_t>();
+              epilogue<scalar_t, scalar_t>(op, op, bp, r1 - r0, N, static_cast<scalar_t>(slope));
+            }
+          }
+        });
+      } else {
+        at::mm_out(out2, x2, wt);
+        if (act) {
+          scalar_t* o = out2.data_ptr<scalar_t>();
+          epilogue<scalar_t, scalar_t>(o, o, bp, M, N, static_cast<scalar_t>(slope));
+        }
+      }
     });
   } else {  // float16 / bfloat16: fp32 GEMM + epilogue on the fp32 accumulator
     at::Tensor acc = at::mm(x2.to(at::kFloat), weight.to(at::kFloat).t());
@@ -141,16 +175,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
     db.zero_();
   }
   if (mask[2] && half) gb.copy_(db);
-  if (mask[0]) {
+  auto grad_input = [&] {
     const at::Tensor w = half ? weight.to(at::kFloat) : weight;
     at::Tensor gx2 = gx.view({M, K});
     if (half) gx2.copy_(at::mm(dz, w));
     else at::mm_out(gx2, dz, w);
-  }
-  if (mask[1]) {
+  };
+  auto grad_weight = [&] {
     const at::Tensor x = half ? input.reshape({M, K}).to(at::kFloat) : input.reshape({M, K});
     if (half) gw.copy_(at::mm(dz.t(), x));
     else at::mm_out(gw, dz.t(), x);
+  };
+  if (mask[0] && mask[1] && !half && at::get_num_threads() == 2 && split_gemms()) {
+    // the two GEMMs have the same FLOP count: one per thread, each single-threaded
+    at::parallel_for(0, 2, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) (t == 0 ? grad_input() : grad_weight());
+    });
+  } else {
+    if (mask[0]) grad_input();
+    if (mask[1]) grad_weight();
   }
   return {gx, gw, gb};
 }
