@@ -12,6 +12,9 @@
 #include <ATen/Parallel.h>
 #include <c10/util/irange.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
+#include <c10/core/GradMode.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <algorithm>
 #include <cstdlib>
 #include <vector>
@@ -86,11 +89,14 @@ at::Tensor fwd_cpu(const at::Tensor& input, const at::Tensor& weight, const std:
       if (split_gemms() && M >= 2 * 16) {
         const int64_t rows = (M + T - 1) / T;
         at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+          // worker threads do not inherit the caller's thread-local autograd state
+          c10::AutoGradMode no_grad(false);
+          at::AutoDispatchBelowADInplaceOrView below_autograd;
           for (int64_t t = t0; t < t1; ++t) {
             const int64_t r0 = t * rows, r1 = std::min(M, r0 + rows);
             if (r0 >= r1) continue;
             at::Tensor o = out2.narrow(0, r0, r1 - r0);
-            at::mm_out(o, x2.narrow(0, r0, r1 - r0), wt);
+            at::cpu::mm_out(o, x2.narrow(0, r0, r1 - r0), wt);
             if (act) {  // inside the parallel region: runs sequentially on this block
               scalar_t* op = o.data_ptr<scalar_t>();
               epilogue<scalar_t, scalar_t>(op, op, bp, r1 - r0, N, static_cast<scalar_t>(slope));
@@ -98,7 +104,7 @@ at::Tensor fwd_cpu(const at::Tensor& input, const at::Tensor& weight, const std:
           }
         });
       } else {
-        at::mm_out(out2, x2, wt);
+        at::cpu::mm_out(out2, x2, wt);
         if (act) {
           scalar_t* o = out2.data_ptr<scalar_t>();
           epilogue<scalar_t, scalar_t>(o, o, bp, M, N, static_cast<scalar_t>(slope));
@@ -179,16 +185,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
     const at::Tensor w = half ? weight.to(at::kFloat) : weight;
     at::Tensor gx2 = gx.view({M, K});
     if (half) gx2.copy_(at::mm(dz, w));
-    else at::mm_out(gx2, dz, w);
+    else at::cpu::mm_out(gx2, dz, w);
   };
   auto grad_weight = [&] {
     const at::Tensor x = half ? input.reshape({M, K}).to(at::kFloat) : input.reshape({M, K});
     if (half) gw.copy_(at::mm(dz.t(), x));
-    else at::mm_out(gw, dz.t(), x);
+    else at::cpu::mm_out(gw, dz.t(), x);
   };
   if (mask[0] && mask[1] && !half && at::get_num_threads() == 2 && split_gemms()) {
     // the two GEMMs have the same FLOP count: one per thread, each single-threaded
     at::parallel_for(0, 2, 1, [&](int64_t t0, int64_t t1) {
+      c10::AutoGradMode no_grad(false);
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       for (int64_t t = t0; t < t1; ++t) (t == 0 ? grad_input() : grad_weight());
     });
   } else {
