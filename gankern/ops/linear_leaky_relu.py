@@ -1,8 +1,148 @@
-"""PLACEHOLDER (foundation commit): linear_leaky_relu dispatches to the reference for now."""
+"""gankern.linear_leaky_relu: fused ``leaky_relu(linear(input, weight, bias), negative_slope)``.
+
+Backends: ``cpp`` / ``cuda`` -> the C++ custom op ``gankern::linear_leaky_relu`` (argument checks,
+autograd incl. double backward, in C++); ``triton`` -> the custom op
+``gankern::linear_leaky_relu_triton`` (kernels in ``gankern/triton/linear_leaky_relu.py``);
+``reference`` -> ``gankern.reference.linear_leaky_relu``.
+"""
 from __future__ import annotations
 
-from .. import reference
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backends, reference
+
+_ext = _backends.load_extension()
+_cpp_op = torch.ops.gankern.linear_leaky_relu.default if _ext is not None else None
 
 
-def linear_leaky_relu(*args, backend=None, **kwargs):
-    return reference.linear_leaky_relu(*args, **kwargs)
+def linear_leaky_relu(input, weight, bias=None, negative_slope=0.2, *, backend=None):
+    """``F.leaky_relu(F.linear(input, weight, bias), negative_slope)``, fused.
+
+    input (*, in_features), weight (out_features, in_features), bias (out_features,) or None.
+    float32 / float64 / float16 / bfloat16 (GEMMs accumulate in fp32).  Differentiable twice.
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"gankern.linear_leaky_relu: input must be a torch.Tensor, got {type(input).__name__}")
+    be = _backends.select(backend, input)
+    if be == "cpp" or be == "cuda":
+        return _cpp_op(input, weight, bias, negative_slope)
+    if be == "triton":
+        _check(input, weight, bias)
+        slope = float(negative_slope)
+        if slope >= 0:
+            return linear_leaky_relu_triton(input, weight, bias, slope)
+        # negative slope: output sign no longer gives the pre-activation sign -> keep z (torch saves it)
+        return F.leaky_relu(linear_leaky_relu_triton(input, weight, bias, 1.0), slope)
+    return reference.linear_leaky_relu(input, weight, bias, negative_slope)
+
+
+def _check(input, weight, bias):
+    """The Python twin of the C++ check (Triton backend): clear errors naming the argument."""
+    op = "gankern.linear_leaky_relu"
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{op}: weight must be a torch.Tensor, got {type(weight).__name__}")
+    ok = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    if input.dim() < 1:
+        raise ValueError(f"{op}: input must have shape (*, in_features) with at least 1 dimension; got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D (out_features, in_features); got shape {list(weight.shape)}")
+    if input.dtype not in ok:
+        raise TypeError(f"{op}: input must be float32, float64, float16 or bfloat16; got {input.dtype}")
+    if weight.dtype != input.dtype:
+        raise TypeError(f"{op}: weight dtype {weight.dtype} does not match input dtype {input.dtype}")
+    if weight.device != input.device:
+        raise ValueError(f"{op}: weight is on {weight.device} but input is on {input.device} (expected the same device)")
+    if input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{op}: input.shape[-1] (in_features) must equal weight.shape[1]; got input shape "
+                         f"{list(input.shape)} and weight shape {list(weight.shape)}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{op}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{op}: bias must have shape (out_features,) = ({weight.shape[0]},); got shape {list(bias.shape)}")
+        if bias.dtype != input.dtype:
+            raise TypeError(f"{op}: bias dtype {bias.dtype} does not match input dtype {input.dtype}")
+        if bias.device != input.device:
+            raise ValueError(f"{op}: bias is on {bias.device} but input is on {input.device} (expected the same device)")
+
+
+def _out_shape(input, weight):
+    return (*input.shape[:-1], weight.shape[0])
+
+
+# ---- fake kernels of the C++ internal ops (torch.compile, opcheck) ----
+if _ext is not None:
+    @torch.library.register_fake("gankern::_linear_leaky_relu_fwd")
+    def _fwd_fake(input, weight, bias, negative_slope):
+        _check(input, weight, bias)
+        return input.new_empty(_out_shape(input, weight))
+
+    @torch.library.register_fake("gankern::_linear_leaky_relu_bwd")
+    def _bwd_fake(grad_output, saved, input, weight, negative_slope, output_mask):
+        gx = input.new_empty(input.shape) if output_mask[0] else None
+        gw = weight.new_empty(weight.shape) if output_mask[1] else None
+        gb = weight.new_empty((weight.shape[0],)) if output_mask[2] else None
+        return gx, gw, gb
+
+
+# ---- Triton backend: its own custom op ----
+@torch.library.custom_op("gankern::linear_leaky_relu_triton", mutates_args=())
+def linear_leaky_relu_triton(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                             negative_slope: float) -> torch.Tensor:
+    from ..triton import linear_leaky_relu as k
+    _check(input, weight, bias)
+    return k.forward(input, weight, bias, negative_slope)
+
+
+@linear_leaky_relu_triton.register_fake
+def _triton_fake(input, weight, bias, negative_slope):
+    _check(input, weight, bias)
+    return input.new_empty(_out_shape(input, weight))
+
+
+@torch.library.custom_op("gankern::_linear_leaky_relu_triton_bwd", mutates_args=())
+def _linear_leaky_relu_triton_bwd(grad_output: torch.Tensor, saved: torch.Tensor, input: torch.Tensor,
+                                  weight: torch.Tensor, negative_slope: float,
+                                  output_mask: list[bool]) -> list[torch.Tensor]:
+    from ..triton import linear_leaky_relu as k
+    return k.backward(grad_output, saved, input, weight, negative_slope, output_mask)
+
+
+@_linear_leaky_relu_triton_bwd.register_fake
+def _triton_bwd_fake(grad_output, saved, input, weight, negative_slope, output_mask):
+    # outputs that are not needed come back as empty (0,) tensors
+    return [input.new_empty(input.shape) if output_mask[0] else input.new_empty((0,)),
+            weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty((0,)),
+            weight.new_empty((weight.shape[0],)) if output_mask[2] else weight.new_empty((0,))]
+
+
+def _triton_setup(ctx, inputs, output):
+    input, weight, bias, slope = inputs
+    if slope < 0:
+        raise ValueError("gankern::linear_leaky_relu_triton: autograd needs negative_slope >= 0 "
+                         "(gankern.linear_leaky_relu handles negative slopes)")
+    ctx.save_for_backward(input, weight, output)
+    ctx.slope = slope
+    ctx.has_bias = bias is not None
+
+
+def _triton_backward(ctx, grad):
+    x, w, y = ctx.saved_tensors
+    nx, nw, nb = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+    if torch.is_grad_enabled():
+        # create_graph=True: differentiable torch ops (mask from the saved output is piecewise constant)
+        M = math.prod(x.shape[:-1])
+        dz = torch.where(y.detach() > 0, grad, grad * ctx.slope).reshape(M, w.shape[0])
+        gx = dz.mm(w).reshape(x.shape) if nx else None
+        gw = dz.t().mm(x.reshape(M, w.shape[1])) if nw else None
+        gb = dz.sum(0) if nb else None
+        return gx, gw, gb, None
+    gx, gw, gb = _linear_leaky_relu_triton_bwd(grad, y, x, w, ctx.slope, [nx, nw, nb])
+    return (gx if nx else None), (gw if nw else None), (gb if nb else None), None
+
+
+linear_leaky_relu_triton.register_autograd(_triton_backward, setup_context=_triton_setup)

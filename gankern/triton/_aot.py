@@ -63,24 +63,22 @@ def all_specs():
     return specs
 
 
-def _ptxas(cc: int = 80):
-    # The ptxas Triton itself uses for this arch (sm_90+: its newer "ptxas-blackwell", whose PTX
-    # version the legacy bundled ptxas rejects).
-    try:
+def _ptxas(cc=80):
+    try:  # the ptxas Triton itself uses for this arch (sm_90+: "ptxas-blackwell", a newer ptxas)
         from triton.backends.nvidia.compiler import get_ptxas
         return get_ptxas(cc).path
-    except Exception:  # older Triton
-        import triton
-        cand = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-        return cand if os.path.exists(cand) else "ptxas"
+    except Exception:
+        pass
+    import triton
+    cand = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return cand if os.path.exists(cand) else "ptxas"
 
 
-def ptxas_report(ptx: str, arch: str) -> dict:
+def ptxas_report(ptx: str, arch: str, cc: int = 80) -> dict:
     with tempfile.TemporaryDirectory() as d:
         p = os.path.join(d, "k.ptx")
         with open(p, "w") as f:
             f.write(ptx)
-        cc = int(re.search(r"\d+", arch).group(0)) if re.search(r"\d+", arch) else 80
         r = subprocess.run([_ptxas(cc), f"-arch={arch}", "-v", p, "-o", os.path.join(d, "k.cubin")],
                            capture_output=True, text=True)
     log = r.stdout + r.stderr
@@ -103,7 +101,7 @@ def compile_spec(spec: AotSpec, cc: int) -> dict:
     ptx = k.asm["ptx"]
     m = re.search(r"^\.target\s+(\S+)", ptx, re.M)
     arch = m.group(1).rstrip(",") if m else f"sm_{cc}"
-    rep = ptxas_report(ptx, arch)
+    rep = ptxas_report(ptx, arch, cc)
     return {"name": spec.name, "cc": cc, "arch": arch, "shared": int(k.metadata.shared),
             "smem_limit": SMEM_LIMIT[cc], "num_warps": spec.num_warps, "num_stages": spec.num_stages,
             "wgmma": "wgmma" in ptx, "expect_wgmma": spec.expect_wgmma and cc >= 90, **rep}

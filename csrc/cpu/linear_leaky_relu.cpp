@@ -1,0 +1,215 @@
+// CPU kernels of gankern::_linear_leaky_relu_fwd / _bwd.
+//
+// Forward:  MKL GEMM (at::mm_out into a fresh output, beta = 0) then ONE fused pass
+//           out = leaky_relu(out + bias) (parallel over rows, vectorized over columns).
+//           float16/bfloat16: the CPU half GEMM is ~9x slower than fp32 here and rounds before the
+//           bias, so the operands are widened to fp32, the GEMM accumulates in fp32 and the epilogue
+//           (bias + activation) runs on the fp32 accumulator, rounding once into the half output.
+// Backward: ONE pass dZ = dY * (s > 0 ? 1 : slope) fused with the bias gradient (column sums,
+//           fp32/fp64 accumulators, parallel over column blocks: no reduction across threads), then
+//           the GEMMs dX = dZ W and dW = dZ^T X (fp32 for half inputs, rounded once).
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+#include <c10/util/irange.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
+#include <c10/core/GradMode.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <algorithm>
+#include <cstdlib>
+#include <vector>
+#include "gankern/common.h"
+#include "gankern/linear_leaky_relu.h"
+
+namespace gankern {
+namespace llr {
+namespace {
+
+const char* kFwd = "gankern._linear_leaky_relu_fwd";
+
+// Threading of the GEMMs.  At GAN sizes MKL's own threading of one GEMM scales poorly on few
+// cores, so with T threads the forward splits its rows into T blocks, each a single-threaded
+// GEMM (MKL runs sequentially inside a parallel region) followed by the epilogue while the block
+// is still in cache; the backward runs the dX and dW GEMMs side by side.
+// Opt-in with GANKERN_LLR_SPLIT=1: on this shared, heavily loaded 2-core machine the A/B
+// measurements were too noisy to show a gain, so the default is MKL threading each GEMM.
+bool split_gemms() {
+  const char* e = std::getenv("GANKERN_LLR_SPLIT");  // read per call (~tens of ns): A/B comparisons
+  const bool on = e != nullptr && e[0] == '1';
+  return on && at::get_num_threads() > 1 && !at::in_parallel_region();
+}
+const char* kBwd = "gankern._linear_leaky_relu_bwd";
+
+int64_t rows_of(const at::Tensor& input) {
+  return c10::multiply_integers(input.sizes().slice(0, input.dim() - 1));
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& input, int64_t N) {
+  auto s = input.sizes().vec();
+  s.back() = N;
+  return s;
+}
+
+// out[i, j] = leaky(acc[i, j] + bias[j]);  acc may alias out (in place), acc_t = float or double.
+template <typename out_t, typename acc_t>
+void epilogue(out_t* out, const acc_t* acc, const acc_t* bias, int64_t M, int64_t N, acc_t slope) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1));
+  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const acc_t* a = acc + i * N;
+      out_t* o = out + i * N;
+      if (bias != nullptr) {
+        for (int64_t j = 0; j < N; ++j) o[j] = static_cast<out_t>(leaky_relu<acc_t>(a[j] + bias[j], slope));
+      } else {
+        for (int64_t j = 0; j < N; ++j) o[j] = static_cast<out_t>(leaky_relu<acc_t>(a[j], slope));
+      }
+    }
+  });
+}
+
+at::Tensor fwd_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
+                   double slope) {
+  const at::Tensor bias = bias_opt.has_value() ? *bias_opt : at::Tensor();
+  check_args(input, weight, bias, kFwd);
+  TORCH_CHECK(input.device().is_cpu(), kFwd, ": expected CPU tensors, got ", input.device());
+  const int64_t N = weight.size(0), K = weight.size(1), M = rows_of(input);
+  at::Tensor out = new_empty(out_shape(input, N), input.options());
+  if (out.numel() == 0) return out;
+  at::Tensor out2 = out.view({M, N});
+  const at::Tensor x2 = input.reshape({M, K});
+  const auto st = input.scalar_type();
+  if (st == at::kFloat || st == at::kDouble) {
+    AT_DISPATCH_FLOATING_TYPES(st, "llr_fwd_cpu", [&] {
+      const at::Tensor b = bias.defined() ? bias.contiguous() : at::Tensor();
+      const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+      const bool act = b.defined() || slope != 1.0;
+      const at::Tensor wt = weight.t();
+      const int64_t T = at::get_num_threads();
+      if (split_gemms() && M >= 2 * 16) {
+        const int64_t rows = (M + T - 1) / T;
+        at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+          // worker threads do not inherit the caller's thread-local autograd state
+          c10::AutoGradMode no_grad(false);
+          at::AutoDispatchBelowADInplaceOrView below_autograd;
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t r0 = t * rows, r1 = std::min(M, r0 + rows);
+            if (r0 >= r1) continue;
+            at::Tensor o = out2.narrow(0, r0, r1 - r0);
+            at::cpu::mm_out(o, x2.narrow(0, r0, r1 - r0), wt);
+            if (act) {  // inside the parallel region: runs sequentially on this block
+              scalar_t* op = o.data_ptr<scalar_t>();
+              epilogue<scalar_t, scalar_t>(op, op, bp, r1 - r0, N, static_cast<scalar_t>(slope));
+            }
+          }
+        });
+      } else {
+        at::cpu::mm_out(out2, x2, wt);
+        if (act) {
+          scalar_t* o = out2.data_ptr<scalar_t>();
+          epilogue<scalar_t, scalar_t>(o, o, bp, M, N, static_cast<scalar_t>(slope));
+        }
+      }
+    });
+  } else {  // float16 / bfloat16: fp32 GEMM + epilogue on the fp32 accumulator
+    at::Tensor acc = at::mm(x2.to(at::kFloat), weight.to(at::kFloat).t());
+    const at::Tensor b = bias.defined() ? bias.to(at::kFloat).contiguous() : at::Tensor();
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(st, "llr_fwd_cpu_half", [&] {
+      epilogue<scalar_t, float>(out2.data_ptr<scalar_t>(), acc.const_data_ptr<float>(),
+                                b.defined() ? b.const_data_ptr<float>() : nullptr, M, N, static_cast<float>(slope));
+    });
+  }
+  return out;
+}
+
+// dz[i, j] = g[i, j] * (s[i, j] > 0 ? 1 : slope); db[j] = sum_i dz[i, j] (if db != nullptr).
+template <typename in_t, typename dz_t, typename acc_t>
+void dz_colsum(const in_t* __restrict g, const in_t* __restrict s, dz_t* __restrict dz, acc_t* __restrict db,
+               int64_t M, int64_t N, acc_t slope) {
+  const int64_t grain = std::max<int64_t>(16, 16384 / std::max<int64_t>(M, 1));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    const int64_t w = n1 - n0;
+    std::vector<acc_t> sum(db != nullptr ? w : 0, acc_t(0));
+    acc_t* __restrict acc = sum.data();
+    for (int64_t i = 0; i < M; ++i) {
+      const in_t* gi = g + i * N + n0;
+      const in_t* si = s + i * N + n0;
+      dz_t* di = dz + i * N + n0;
+      if (db != nullptr) {
+        for (int64_t j = 0; j < w; ++j) {
+          const acc_t v = leaky_relu_grad<acc_t>(static_cast<acc_t>(gi[j]), static_cast<acc_t>(si[j]), slope);
+          di[j] = static_cast<dz_t>(v);
+          acc[j] += v;
+        }
+      } else {
+        for (int64_t j = 0; j < w; ++j)
+          di[j] = static_cast<dz_t>(leaky_relu_grad<acc_t>(static_cast<acc_t>(gi[j]), static_cast<acc_t>(si[j]), slope));
+      }
+    }
+    if (db != nullptr) std::copy(sum.begin(), sum.end(), db + n0);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_output, const at::Tensor& saved,
+                                                       const at::Tensor& input, const at::Tensor& weight, double slope,
+                                                       std::array<bool, 3> mask) {
+  check_bwd_args(grad_output, saved, input, weight, kBwd);
+  TORCH_CHECK(input.device().is_cpu(), kBwd, ": expected CPU tensors, got ", input.device());
+  const int64_t N = weight.size(0), K = weight.size(1), M = rows_of(input);
+  const auto st = input.scalar_type();
+  const bool half = !(st == at::kFloat || st == at::kDouble);
+  const auto acc_type = st == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor gx, gw, gb;
+  if (mask[0]) gx = new_empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+  if (mask[1]) gw = new_empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
+  if (mask[2]) gb = new_empty({N}, weight.options());
+  if (!(mask[0] || mask[1] || mask[2])) return {gx, gw, gb};
+
+  const at::Tensor g = grad_output.reshape({M, N}).contiguous();
+  const at::Tensor s = saved.reshape({M, N}).contiguous();
+  // dZ in the input dtype (fp32 for half inputs: the GEMMs then run in fp32)
+  at::Tensor dz = at::empty({M, N}, input.options().dtype(acc_type));
+  at::Tensor db = mask[2] ? (half ? at::empty({N}, input.options().dtype(at::kFloat)) : gb) : at::Tensor();
+  if (M * N > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "llr_bwd_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      dz_colsum<scalar_t, acc_t, acc_t>(g.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
+                                        dz.data_ptr<acc_t>(), db.defined() ? db.data_ptr<acc_t>() : nullptr, M, N,
+                                        static_cast<acc_t>(slope));
+    });
+  } else if (db.defined()) {
+    db.zero_();
+  }
+  if (mask[2] && half) gb.copy_(db);
+  auto grad_input = [&] {
+    const at::Tensor w = half ? weight.to(at::kFloat) : weight;
+    at::Tensor gx2 = gx.view({M, K});
+    if (half) gx2.copy_(at::mm(dz, w));
+    else at::cpu::mm_out(gx2, dz, w);
+  };
+  auto grad_weight = [&] {
+    const at::Tensor x = half ? input.reshape({M, K}).to(at::kFloat) : input.reshape({M, K});
+    if (half) gw.copy_(at::mm(dz.t(), x));
+    else at::cpu::mm_out(gw, dz.t(), x);
+  };
+  if (mask[0] && mask[1] && !half && at::get_num_threads() == 2 && split_gemms()) {
+    // the two GEMMs have the same FLOP count: one per thread, each single-threaded
+    at::parallel_for(0, 2, 1, [&](int64_t t0, int64_t t1) {
+      c10::AutoGradMode no_grad(false);
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      for (int64_t t = t0; t < t1; ++t) (t == 0 ? grad_input() : grad_weight());
+    });
+  } else {
+    if (mask[0]) grad_input();
+    if (mask[1]) grad_weight();
+  }
+  return {gx, gw, gb};
+}
+
+}  // namespace
+}  // namespace llr
+}  // namespace gankern
+
+TORCH_LIBRARY_IMPL(gankern, CPU, m) {
+  m.impl("_linear_leaky_relu_fwd", &gankern::llr::fwd_cpu);
+  m.impl("_linear_leaky_relu_bwd", &gankern::llr::bwd_cpu);
+}

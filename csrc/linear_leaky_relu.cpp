@@ -1,0 +1,190 @@
+// gankern::linear_leaky_relu: schemas, argument checks, C++ autograd (shared by CPU and CUDA).
+//
+//   linear_leaky_relu(input (*, K), weight (N, K), bias (N,)?, slope) -> (*, N)
+//   _linear_leaky_relu_fwd(...)                        the fused kernel (per device)
+//   _linear_leaky_relu_bwd(grad_output, saved, input, weight, slope, output_mask)
+//       -> (grad_input, grad_weight, grad_bias)        dZ + bias column sums in one pass, then the two GEMMs
+//
+// The autograd Function saves (input, weight, output): for slope >= 0 the sign of the output
+// is the sign of the pre-activation, so no pre-activation tensor is kept.  A negative slope
+// runs the fused kernel with slope 1 (plain linear, its output z saved as sign source) and
+// applies at::leaky_relu(z, slope) after it, which saves z itself: correct, not fused.
+// Double backward: when grad mode is on in backward (create_graph=True) the gradients are
+// computed with differentiable ATen ops (the mask from the saved output is piecewise constant).
+#include <torch/library.h>
+#include <torch/autograd.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include "gankern/common.h"
+#include "gankern/linear_leaky_relu.h"
+
+namespace gankern {
+namespace llr {
+
+namespace {
+bool supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+}  // namespace
+
+void check_args(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, const char* op) {
+  TORCH_CHECK(input.defined(), op, ": input must be a tensor, got None");
+  TORCH_CHECK(weight.defined(), op, ": weight must be a tensor, got None");
+  TORCH_CHECK(input.dim() >= 1, op, ": input must have shape (*, in_features) with at least 1 dimension; got a 0-d tensor");
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features); got shape ", weight.sizes());
+  TORCH_CHECK(supported_dtype(input.scalar_type()), op,
+              ": input must be float32, float64, float16 or bfloat16; got ", input.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
+              " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK(weight.device() == input.device(), op, ": weight is on ", weight.device(),
+              " but input is on ", input.device(), " (expected the same device)");
+  TORCH_CHECK(input.size(-1) == weight.size(1), op, ": input.shape[-1] (in_features) must equal weight.shape[1]; got input shape ",
+              input.sizes(), " and weight shape ", weight.sizes());
+  if (bias.defined()) {
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0), op, ": bias must have shape (out_features,) = (",
+                weight.size(0), ",); got shape ", bias.sizes());
+    TORCH_CHECK(bias.scalar_type() == input.scalar_type(), op, ": bias dtype ", bias.scalar_type(),
+                " does not match input dtype ", input.scalar_type());
+    TORCH_CHECK(bias.device() == input.device(), op, ": bias is on ", bias.device(), " but input is on ",
+                input.device(), " (expected the same device)");
+  }
+}
+
+void check_bwd_args(const at::Tensor& grad_output, const at::Tensor& saved, const at::Tensor& input,
+                    const at::Tensor& weight, const char* op) {
+  check_args(input, weight, at::Tensor(), op);
+  auto expect = input.sizes().vec();
+  expect.back() = weight.size(0);
+  TORCH_CHECK(grad_output.defined() && grad_output.sizes() == at::IntArrayRef(expect), op,
+              ": grad_output must have shape ", at::IntArrayRef(expect), "; got ",
+              grad_output.defined() ? grad_output.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(saved.defined() && saved.sizes() == at::IntArrayRef(expect), op, ": saved output must have shape ",
+              at::IntArrayRef(expect));
+  for (const at::Tensor* t : {&grad_output, &saved}) {
+    TORCH_CHECK(t->scalar_type() == input.scalar_type(), op, ": grad_output/saved dtype ", t->scalar_type(),
+                " does not match input dtype ", input.scalar_type());
+    TORCH_CHECK(t->device() == input.device(), op, ": grad_output/saved on ", t->device(), ", input on ", input.device());
+  }
+}
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor call_fwd(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                    double slope) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("gankern::_linear_leaky_relu_fwd", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double)>();
+  return op.call(input, weight, bias, slope);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_bwd(const at::Tensor& g, const at::Tensor& s, const at::Tensor& x,
+                                                        const at::Tensor& w, double slope, std::array<bool, 3> mask) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("gankern::_linear_leaky_relu_bwd", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                           std::array<bool, 3>)>();
+  return op.call(g, s, x, w, slope, mask);
+}
+
+// y = leaky_relu(input @ weight^T + bias, slope) for slope >= 0 (see the header comment).
+// The shared backward; `nb` = bias gradient wanted.
+variable_list llr_backward(AutogradContext* ctx, const at::Tensor& g, bool nx, bool nw, bool nb) {
+  auto saved = ctx->get_saved_variables();
+  const at::Tensor& x = saved[0];
+  const at::Tensor& w = saved[1];
+  const at::Tensor& y = saved[2];
+  const double slope = ctx->saved_data["slope"].toDouble();
+  at::Tensor gx, gw, gb;
+  if (!g.defined() || !(nx || nw || nb)) return {gx, gw, gb};
+  if (at::GradMode::is_enabled()) {
+    // create_graph=True: differentiable ATen ops, so the gradient can be differentiated again
+    // (WGAN-GP / R1 penalties).  The mask is piecewise constant: no gradient flows through y.
+    const int64_t N = w.size(0), K = w.size(1);
+    const int64_t M = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
+    at::Tensor dz = at::where(y.detach() > 0, g, g * slope).reshape({M, N});
+    if (nx) gx = dz.mm(w).reshape(x.sizes());
+    if (nw) gw = dz.t().mm(x.reshape({M, K}));
+    if (nb) gb = dz.sum(0);
+  } else {
+    std::tie(gx, gw, gb) = call_bwd(g, y, x, w, slope, {nx, nw, nb});
+  }
+  return {gx, gw, gb};
+}
+
+at::Tensor llr_forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, double slope) {
+  at::Tensor y;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    y = call_fwd(input, weight, bias, slope);
+  }
+  ctx->save_for_backward({input, weight, y});
+  ctx->saved_data["slope"] = slope;
+  return y;
+}
+
+struct LinearLeakyReLUFn : public torch::autograd::Function<LinearLeakyReLUFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
+                            const at::Tensor& bias, double slope) {
+    return llr_forward(ctx, input, weight, bias, slope);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto r = llr_backward(ctx, grads[0], ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2));
+    return {r[0], r[1], r[2], at::Tensor()};
+  }
+};
+
+struct LinearLeakyReLUNoBiasFn : public torch::autograd::Function<LinearLeakyReLUNoBiasFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight, double slope) {
+    return llr_forward(ctx, input, weight, std::nullopt, slope);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto r = llr_backward(ctx, grads[0], ctx->needs_input_grad(0), ctx->needs_input_grad(1), false);
+    return {r[0], r[1], at::Tensor()};
+  }
+};
+
+at::Tensor apply_fn(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                    double slope) {
+  if (bias.has_value() && bias->defined()) return LinearLeakyReLUFn::apply(input, weight, *bias, slope);
+  return LinearLeakyReLUNoBiasFn::apply(input, weight, slope);
+}
+
+const char* kOp = "gankern.linear_leaky_relu";
+
+at::Tensor llr_autograd(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        double slope) {
+  const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
+  check_args(input, weight, b, kOp);
+  if (slope >= 0) return apply_fn(input, weight, bias, slope);
+  // negative (or NaN) slope: the output's sign no longer tells the pre-activation's sign.
+  return at::leaky_relu(apply_fn(input, weight, bias, 1.0), slope);
+}
+
+at::Tensor llr_composite(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         double slope) {
+  check_args(input, weight, bias.has_value() ? *bias : at::Tensor(), kOp);
+  return call_fwd(input, weight, bias, slope);
+}
+
+}  // namespace
+}  // namespace llr
+}  // namespace gankern
+
+TORCH_LIBRARY_FRAGMENT(gankern, m) {
+  m.def("linear_leaky_relu(Tensor input, Tensor weight, Tensor? bias=None, float negative_slope=0.2) -> Tensor");
+  m.def("_linear_leaky_relu_fwd(Tensor input, Tensor weight, Tensor? bias, float negative_slope) -> Tensor");
+  m.def("_linear_leaky_relu_bwd(Tensor grad_output, Tensor saved, Tensor input, Tensor weight, float negative_slope, "
+        "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(gankern, Autograd, m) {
+  m.impl("linear_leaky_relu", &gankern::llr::llr_autograd);
+}
+
+TORCH_LIBRARY_IMPL(gankern, CompositeExplicitAutograd, m) {
+  m.impl("linear_leaky_relu", &gankern::llr::llr_composite);
+}

@@ -1,0 +1,293 @@
+"""gankern.linear_leaky_relu on every backend available here, against PyTorch in float64."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gankern
+from conftest import CPU_BACKENDS
+from tolerances import assert_close, sqrt_scale
+
+OP = torch.ops.gankern.linear_leaky_relu.default if gankern.backends()["cpp"]["available"] else None
+needs_cpp = pytest.mark.skipif(OP is None, reason="gankern._C not built")
+needs_triton = pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton interpreter unavailable")
+
+
+def make(in_shape, N, dtype, bias=True, noncontig=False, device="cpu"):
+    """Random input (*, K), weight (N, K) ~ nn.Linear scale, bias (N,) — optionally non-contiguous views."""
+    K = in_shape[-1]
+    if noncontig:
+        x = torch.randn(*in_shape[:-1], 2 * K, device=device).to(dtype)[..., ::2]          # strided last dim
+        w = (torch.randn(K, N, device=device) / math.sqrt(max(K, 1))).to(dtype).t()      # transposed weight
+    else:
+        x = torch.randn(*in_shape, device=device)
+        w = torch.randn(N, K, device=device) / math.sqrt(max(K, 1))
+    b = torch.randn(N, device=device) if bias else None
+    x, w = x.to(dtype), w.to(dtype)
+    b = b.to(dtype) if b is not None else None
+    if noncontig and K > 1 and N > 1:
+        assert not x.is_contiguous() and not w.is_contiguous()
+    return x, w, b
+
+
+def check(backend, in_shape, N, dtype, slope, bias=True, noncontig=False, device="cpu"):
+    x, w, b = make(in_shape, N, dtype, bias, noncontig, device)
+    K = in_shape[-1]
+    M = max(1, math.prod(in_shape[:-1]))
+    leaves = [t.detach().requires_grad_() for t in (x, w, b) if t is not None]
+    refs = [t.detach().double().requires_grad_() for t in leaves]
+    xx, ww, bb = (leaves + [None])[:3]
+    y = gankern.linear_leaky_relu(xx, ww, bb, slope, backend=backend)
+    assert y.dtype == dtype and y.shape == (*in_shape[:-1], N)
+    yr = F.leaky_relu(F.linear(refs[0], refs[1], refs[2] if bias else None), slope)
+    assert_close(y, yr, dtype, scale=sqrt_scale(K), name="output")
+    g = torch.randn(y.shape, device=device, dtype=dtype)
+    grads = torch.autograd.grad(y, leaves, g)
+    grads_r = torch.autograd.grad(yr, refs, g.double())
+    names = ["grad_input", "grad_weight", "grad_bias"]
+    scales = [sqrt_scale(N), sqrt_scale(M), sqrt_scale(M)]
+    for got, exp, name, sc in zip(grads, grads_r, names, scales):
+        assert got.dtype == dtype
+        assert_close(got, exp, dtype, scale=sc * (2 if dtype != torch.float32 else 1), name=name)
+
+
+# (input shape, out_features): sizes that are not multiples of any tile, 2-D and 3-D
+CPP_CASES = [
+    ((1, 1), 1, torch.float32, 0.2, True, False),
+    ((7, 127), 1000, torch.float32, 0.01, True, False),
+    ((127, 784), 7, torch.float32, 0.0, False, False),
+    ((1000, 7), 127, torch.float32, 1.0, True, True),
+    ((64, 784), 512, torch.float32, 0.2, True, True),
+    ((3, 5, 127), 7, torch.float32, 0.2, True, False),
+    ((2, 3, 4, 33), 65, torch.float32, -0.3, True, True),
+    ((127, 1000), 784, torch.float32, -1.5, False, False),
+    ((127, 784), 1000, torch.float16, 0.2, True, False),
+    ((7, 1000), 127, torch.float16, 0.01, False, True),
+    ((5, 7, 127), 1, torch.float16, -0.3, True, False),
+    ((1000, 127), 7, torch.bfloat16, 0.2, True, True),
+    ((1, 784), 127, torch.bfloat16, 0.0, True, False),
+    ((7, 7), 784, torch.bfloat16, 1.0, False, False),
+    ((31, 17), 9, torch.float64, 0.2, True, True),
+]
+
+
+@needs_cpp
+@pytest.mark.parametrize("in_shape,N,dtype,slope,bias,noncontig", CPP_CASES,
+                         ids=[f"{s}x{n}-{str(d)[6:]}-s{sl}-b{int(b)}-nc{int(nc)}" for s, n, d, sl, b, nc in CPP_CASES])
+def test_cpp_matches_torch_fp64(in_shape, N, dtype, slope, bias, noncontig):
+    check("cpp", in_shape, N, dtype, slope, bias, noncontig)
+
+
+# The Triton interpreter is slow: small shapes (<= 130), still not multiples of the tiles.
+TRITON_CASES = [
+    ((1, 1), 1, torch.float32, 0.2, True, False),
+    ((7, 33), 65, torch.float32, 0.0, True, True),
+    ((130, 17), 3, torch.float32, 1.0, False, False),
+    ((2, 5, 100), 33, torch.float32, 0.01, True, False),
+    ((9, 40), 70, torch.float32, -0.3, True, False),
+    ((65, 127), 7, torch.float16, 0.2, True, True),
+    ((3, 64), 130, torch.float16, 0.01, False, False),
+    ((65, 127), 7, torch.bfloat16, 0.2, True, False),
+    ((3, 2, 64), 31, torch.bfloat16, 0.0, True, True),
+    ((13, 21), 11, torch.float64, 0.2, True, False),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("in_shape,N,dtype,slope,bias,noncontig", TRITON_CASES,
+                         ids=[f"{s}x{n}-{str(d)[6:]}-s{sl}-b{int(b)}-nc{int(nc)}" for s, n, d, sl, b, nc in TRITON_CASES])
+def test_triton_matches_torch_fp64(in_shape, N, dtype, slope, bias, noncontig):
+    check("triton", in_shape, N, dtype, slope, bias, noncontig)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("slope", [0.2, -0.5])
+def test_gradcheck_gradgradcheck_fp64(backend, slope):
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    # keep pre-activations away from 0 (the kink) so finite differences are valid
+    with torch.no_grad():
+        z = F.linear(x, w, b)
+        b += torch.where(z.abs().min(dim=0).values.min(0).values < 0.1, 0.5, 0.0)
+    f = lambda x, w, b: gankern.linear_leaky_relu(x, w, b, slope, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradient_penalty_double_backward(backend):
+    """WGAN-GP style: gradient of the output wrt the input, then backward through it."""
+    x = torch.randn(16, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, 12, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    outs = []
+    for be in (backend, "reference"):
+        y = gankern.linear_leaky_relu(x, w, b, 0.2, backend=be)
+        (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        pen = ((gx.norm(dim=1) - 1) ** 2).mean()
+        outs.append(torch.autograd.grad(pen, (w, b), allow_unused=True))
+    assert outs[0][1] is None or outs[1][1] is None or torch.allclose(outs[0][1], outs[1][1])
+    assert_close(outs[0][0], outs[1][0], torch.float64, name="penalty grad_weight")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("slope", [0.0, 0.2])
+def test_kink_and_nan_follow_torch(backend, slope):
+    """z == 0 exactly (integer data) takes the slope branch as in torch; NaN propagates as in torch."""
+    x = torch.randint(-2, 3, (9, 4)).float()
+    w = torch.randint(-2, 3, (6, 4)).float()
+    x[3, 1] = float("nan")
+    xs = [x.clone().requires_grad_(), x.double().requires_grad_()]
+    ws = [w.clone().requires_grad_(), w.double().requires_grad_()]
+    y = gankern.linear_leaky_relu(xs[0], ws[0], None, slope, backend=backend)
+    yr = F.leaky_relu(F.linear(xs[1], ws[1]), slope)
+    assert (yr == 0).any()
+    assert_close(y, yr, name="output")
+    g = torch.randn(y.shape)
+    for got, exp, name in zip(torch.autograd.grad(y, [xs[0], ws[0]], g),
+                              torch.autograd.grad(yr, [xs[1], ws[1]], g.double()), ["grad_input", "grad_weight"]):
+        assert_close(got, exp, torch.float32, name=name)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("in_shape,N", [((0, 5), 3), ((4, 0), 3), ((4, 5), 0), ((2, 0, 5), 3)])
+def test_empty(backend, in_shape, N):
+    check(backend, in_shape, N, torch.float32, 0.2)
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
+def test_only_needed_grads(backend):
+    x, w, b = make((6, 5), 4, torch.float32)
+    w.requires_grad_()
+    y = gankern.linear_leaky_relu(x, w, b, 0.2, backend=backend)
+    (gw,) = torch.autograd.grad(y.sum(), w)
+    exp = torch.autograd.grad(F.leaky_relu(F.linear(x.double(), w.double(), b.double()), 0.2).sum(), w)[0]
+    assert_close(gw, exp, name="grad_weight")
+    with torch.no_grad():
+        y2 = gankern.linear_leaky_relu(x, w, b, 0.2, backend=backend)
+    assert y2.grad_fn is None
+    assert_close(y2, F.leaky_relu(F.linear(x.double(), w.double(), b.double()), 0.2))
+
+
+BAD = [
+    (lambda: (torch.randn(4, 5), torch.randn(3, 6), None), "in_features"),
+    (lambda: (torch.randn(4, 5), torch.randn(5), None), "weight must be 2-D"),
+    (lambda: (torch.randn(4, 5), torch.randn(3, 5), torch.randn(4)), "bias must have shape"),
+    (lambda: (torch.randn(4, 5), torch.randn(3, 5), torch.randn(3, 1)), "bias must have shape"),
+    (lambda: (torch.randn(4, 5), torch.randn(3, 5).double(), None), "weight dtype"),
+    (lambda: (torch.randn(4, 5), torch.randn(3, 5), torch.randn(3).half()), "bias dtype"),
+    (lambda: (torch.randn(4, 5), torch.randn(3, 5, device="meta"), None), "weight is on"),
+    (lambda: (torch.randn(4, 5), torch.randn(3, 5), torch.randn(3, device="meta")), "bias is on"),
+    (lambda: (torch.randint(0, 3, (4, 5)), torch.randint(0, 3, (3, 5)), None), "input must be float32"),
+    (lambda: (torch.tensor(1.0), torch.randn(3, 1), None), "at least 1 dimension"),
+]
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
+@pytest.mark.parametrize("args,msg", BAD, ids=[m for _, m in BAD])
+def test_bad_input_clear_error(backend, args, msg):
+    x, w, b = args()
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=msg):
+        gankern.linear_leaky_relu(x, w, b, 0.2, backend=backend)
+
+
+def test_bad_backend_name():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        gankern.linear_leaky_relu(torch.randn(2, 3), torch.randn(4, 3), backend="nope")
+
+
+@needs_cpp
+def test_opcheck_cpp_ops():
+    x, w, b = make((6, 5), 4, torch.float32)
+    for args in [(x, w, b, 0.2), (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 0.2), (x, w, None, -0.3),
+                 (torch.randn(2, 3, 5), w, b, 0.0)]:
+        torch.library.opcheck(torch.ops.gankern.linear_leaky_relu.default, args)
+    x = torch.randn(6, 5)
+    y = torch.ops.gankern._linear_leaky_relu_fwd(x, w.detach(), b.detach(), 0.2)
+    torch.library.opcheck(torch.ops.gankern._linear_leaky_relu_fwd.default, (x, w.detach(), b.detach(), 0.2))
+    torch.library.opcheck(torch.ops.gankern._linear_leaky_relu_bwd.default,
+                          (torch.randn(6, 4), y, x, w.detach(), 0.2, [True, True, True]))
+    torch.library.opcheck(torch.ops.gankern._linear_leaky_relu_bwd.default,
+                          (torch.randn(6, 4), y, x, w.detach(), 0.2, [False, True, False]))
+
+
+@needs_triton
+def test_opcheck_triton_op():
+    from gankern.ops.linear_leaky_relu import linear_leaky_relu_triton
+    x, w, b = make((6, 5), 4, torch.float32)
+    torch.library.opcheck(linear_leaky_relu_triton, (x.requires_grad_(), w.requires_grad_(), b, 0.2))
+    torch.library.opcheck(linear_leaky_relu_triton, (torch.randn(2, 3, 5), w.detach(), None, 0.0))
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+
+    def f(x, w, b):
+        return gankern.linear_leaky_relu(x, w, b, 0.2, backend=backend).square().sum()
+
+    cf = torch.compile(f, fullgraph=True)
+    x, w, b = (t.requires_grad_() for t in make((9, 13), 7, torch.float32))
+    out = cf(x, w, b)
+    grads = torch.autograd.grad(out, (x, w, b))
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    outr = F.leaky_relu(F.linear(xr, wr, br), 0.2).square().sum()
+    assert_close(out, outr, scale=4, name="compiled output")
+    for got, exp in zip(grads, torch.autograd.grad(outr, (xr, wr, br))):
+        assert_close(got, exp, scale=2, name="compiled grad")
+
+
+@needs_cpp
+def test_inference_mode_and_direct_op():
+    x, w, b = make((5, 4), 3, torch.float32)
+    with torch.inference_mode():
+        y = OP(x, w, b, 0.2)
+    assert_close(y, F.leaky_relu(F.linear(x.double(), w.double(), b.double()), 0.2))
+
+
+# ---------------- GPU (skipped here; our users run them) ----------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("in_shape,N,slope,noncontig", [((1, 1), 1, 0.2, False), ((127, 784), 1000, 0.01, True),
+                                                         ((3, 7, 1000), 127, 0.0, False), ((1024, 512), 256, -0.3, False)])
+def test_gpu_matches_torch_fp64(backend, dtype, in_shape, N, slope, noncontig):
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        check(backend, in_shape, N, dtype, slope, True, noncontig, device="cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_tf32_follows_flag(backend):
+    x, w, b = make((256, 512), 256, torch.float32, device="cuda")
+    exp = F.leaky_relu(F.linear(x.double(), w.double(), b.double()), 0.2)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        y = gankern.linear_leaky_relu(x, w, b, 0.2, backend=backend)
+        torch.testing.assert_close(y.double(), exp, atol=5e-2, rtol=5e-3)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_gradgradcheck(backend):
+    args = [torch.randn(*s, dtype=torch.float64, device="cuda", requires_grad=True) for s in ((6, 5), (4, 5), (4,))]
+    f = lambda x, w, b: gankern.linear_leaky_relu(x, w, b, 0.2, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck_and_compile():
+    x, w, b = make((6, 5), 4, torch.float32, device="cuda")
+    torch.library.opcheck(torch.ops.gankern.linear_leaky_relu.default, (x.requires_grad_(), w, b, 0.2))
+    cf = torch.compile(lambda x: gankern.linear_leaky_relu(x, w, b, 0.2, backend="cuda"), fullgraph=True)
+    assert_close(cf(x), F.leaky_relu(F.linear(x.double(), w.double(), b.double()), 0.2))
