@@ -135,13 +135,13 @@ std::tuple<at::Tensor, at::Tensor> backward_differentiable(const at::Tensor& go,
 }
 
 struct BceFn : public torch::autograd::Function<BceFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
-                            double target_scalar, const at::Tensor& weight, const at::Tensor& pos_weight,
-                            int64_t reduction) {
+  // Optional tensors stay std::optional: torch::autograd::Function::apply cannot take undefined at::Tensor inputs.
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const std::optional<at::Tensor>& target,
+                            double target_scalar, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor out = fwd_op().call(input, to_opt(target), target_scalar, to_opt(weight), to_opt(pos_weight),
-                                   reduction);
-    ctx->save_for_backward({input, target, weight, pos_weight});
+    at::Tensor out = fwd_op().call(input, target, target_scalar, weight, pos_weight, reduction);
+    ctx->save_for_backward({input, opt(target), opt(weight), opt(pos_weight)});
     ctx->saved_data["ts"] = target_scalar;
     ctx->saved_data["red"] = reduction;
     return out;
@@ -186,7 +186,7 @@ at::Tensor bce_autograd(const at::Tensor& input, const std::optional<at::Tensor>
     at::AutoDispatchBelowADInplaceOrView guard;  // nothing to record: skip the autograd Function
     return fwd_op().call(input, target, target_scalar, weight, pos_weight, reduction);
   }
-  return BceFn::apply(input, opt(target), target_scalar, opt(weight), opt(pos_weight), reduction);
+  return BceFn::apply(input, target, target_scalar, weight, pos_weight, reduction);
 }
 
 at::Tensor bce_noautograd(const at::Tensor& input, const std::optional<at::Tensor>& target, double target_scalar,
