@@ -28,6 +28,7 @@ int dtype_code(at::ScalarType dt) {
     case at::kDouble: return 3;
     default: TORCH_CHECK(false, "bce_with_logits: unsupported dtype ", dt);
   }
+  return -1;
 }
 
 // (pointer, mode): mode 0 absent, 1 one element, 2 one per element (see bce::prepare).
