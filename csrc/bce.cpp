@@ -1,0 +1,219 @@
+// gankern::bce_with_logits: binary_cross_entropy_with_logits fused into one forward and one
+// backward kernel.  Schemas, argument checks, operand preparation and the C++ autograd shared
+// by the CPU kernels (csrc/cpu/bce.cpp) and the CUDA glue (csrc/cuda/bce_glue.cpp).
+//
+// The target is either a tensor (input's shape and dtype) or a float (`target` = None and
+// `target_scalar`): GAN labels 1.0 / 0.0 / 0.9 need no label tensor.
+//
+// What the backward keeps: input, target, weight, pos_weight (references, no copies).  The
+// gradient is NOT computed in the forward pass: that would cost one extra write of N elements
+// in the forward and one read in the backward (the backward still has to write N and read
+// the incoming gradient), i.e. more memory traffic than recomputing sigmoid(x) from x; and a
+// forward without backward (eval, the generator's loss on a frozen D...) would pay for it too.
+//
+// Double backward (create_graph=True): the backward is then built from differentiable ATen ops
+// (torch's formulas), so higher-order gradients work as in torch; otherwise the fused kernel runs.
+#include <torch/library.h>
+#include <torch/autograd.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <sstream>
+#include "gankern/common.h"
+#include "gankern/bce.h"
+
+namespace gankern {
+namespace bce {
+
+static std::string sizes_str(at::IntArrayRef s) {
+  std::ostringstream o;
+  o << "torch.Size([";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << "])";
+  return o.str();
+}
+
+void check_args(const at::Tensor& input, const std::optional<at::Tensor>& target, double target_scalar,
+                const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
+                int64_t reduction) {
+  TORCH_CHECK(input.defined(), "bce_with_logits: input must be a tensor");
+  const auto dt = input.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
+              "bce_with_logits: input must be a float32, float16, bfloat16 or float64 tensor, got ", dt);
+  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2,
+                    "bce_with_logits: reduction must be 0 ('none'), 1 ('mean') or 2 ('sum'), got ", reduction);
+  if (target.has_value() && target->defined()) {
+    const at::Tensor& t = *target;
+    TORCH_CHECK_VALUE(t.sizes() == input.sizes(), "Target size (", sizes_str(t.sizes()),
+                      ") must be the same as input size (", sizes_str(input.sizes()), ")");
+    TORCH_CHECK(t.device() == input.device(), "bce_with_logits: target must be on the input's device ",
+                input.device(), ", got ", t.device());
+    TORCH_CHECK(t.scalar_type() == dt, "bce_with_logits: target must have the input's dtype ", dt, ", got ",
+                t.scalar_type(), " (convert it, or pass a float target)");
+  }
+  const char* names[2] = {"weight", "pos_weight"};
+  const std::optional<at::Tensor>* ts[2] = {&weight, &pos_weight};
+  for (int i = 0; i < 2; ++i) {
+    if (!ts[i]->has_value() || !(*ts[i])->defined()) continue;
+    const at::Tensor& w = **ts[i];
+    TORCH_CHECK(at::isFloatingType(w.scalar_type()), "bce_with_logits: ", names[i],
+                " must be a floating-point tensor, got ", w.scalar_type());
+    TORCH_CHECK(w.device() == input.device(), "bce_with_logits: ", names[i], " must be on the input's device ",
+                input.device(), ", got ", w.device());
+    TORCH_CHECK(at::is_expandable_to(w.sizes(), input.sizes()), "bce_with_logits: ", names[i], " of shape ",
+                sizes_str(w.sizes()), " cannot be broadcast to the input's shape ", sizes_str(input.sizes()));
+  }
+}
+
+static at::Tensor prep_weight(const std::optional<at::Tensor>& w, const at::Tensor& input, at::ScalarType acc) {
+  if (!w.has_value() || !w->defined()) return at::Tensor();
+  at::Tensor a = w->to(acc);
+  if (a.numel() == 1) return a.reshape({});
+  if (a.sizes() == input.sizes()) return a.contiguous();
+  return a.expand(input.sizes()).contiguous();  // e.g. pos_weight (C,) for an (N, C) input
+}
+
+Operands prepare(const at::Tensor& input, const std::optional<at::Tensor>& target,
+                 const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight) {
+  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Operands o;
+  o.x = input.contiguous();
+  if (target.has_value() && target->defined()) o.t = target->contiguous();
+  o.w = prep_weight(weight, input, acc);
+  o.pw = prep_weight(pos_weight, input, acc);
+  return o;
+}
+
+}  // namespace bce
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::optional<at::Tensor> to_opt(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+at::Tensor opt(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+
+using FwdSig = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, double,
+                          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t);
+using BwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                  const std::optional<at::Tensor>&, double,
+                                                  const std::optional<at::Tensor>&,
+                                                  const std::optional<at::Tensor>&, int64_t, bool);
+
+const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("gankern::_bce_with_logits_fwd", "").typed<FwdSig>();
+  return op;
+}
+const c10::TypedOperatorHandle<BwdSig>& bwd_op() {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("gankern::_bce_with_logits_bwd", "").typed<BwdSig>();
+  return op;
+}
+
+// The backward from differentiable ATen ops (torch's formulas), for create_graph=True.
+std::tuple<at::Tensor, at::Tensor> backward_differentiable(const at::Tensor& go, const at::Tensor& x,
+                                                           const at::Tensor& target, double ts,
+                                                           const at::Tensor& w, const at::Tensor& pw,
+                                                           int64_t reduction, bool need_x, bool need_t) {
+  at::Tensor t = target.defined() ? target : at::full_like(x, ts);
+  at::Tensor scale = go;
+  if (w.defined()) scale = scale * w;
+  if (reduction == bce::kMean) scale = scale / static_cast<double>(x.numel());
+  at::Tensor gx, gt;
+  if (need_x) {
+    at::Tensor s = at::sigmoid(x);
+    gx = pw.defined() ? ((pw * t + 1 - t) * s - pw * t) : (s - t);
+    gx = (gx * scale).to(x.scalar_type()).expand(x.sizes());
+  }
+  if (need_t) {
+    gt = pw.defined() ? (at::log_sigmoid(-x) - pw * at::log_sigmoid(x)) : -x;
+    gt = (gt * scale).to(x.scalar_type()).expand(x.sizes());
+  }
+  return {gx, gt};
+}
+
+struct BceFn : public torch::autograd::Function<BceFn> {
+  // Optional tensors stay std::optional: torch::autograd::Function::apply cannot take undefined at::Tensor inputs.
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const std::optional<at::Tensor>& target,
+                            double target_scalar, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor out = fwd_op().call(input, target, target_scalar, weight, pos_weight, reduction);
+    ctx->save_for_backward({input, opt(target), opt(weight), opt(pos_weight)});
+    ctx->saved_data["ts"] = target_scalar;
+    ctx->saved_data["red"] = reduction;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &t = saved[1], &w = saved[2], &pw = saved[3];
+    const double ts = ctx->saved_data["ts"].toDouble();
+    const int64_t red = ctx->saved_data["red"].toInt();
+    const at::Tensor& go = grads[0];
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool need_t = t.defined() && ctx->needs_input_grad(1);
+    variable_list out(6);
+    if (!go.defined() || (!need_x && !need_t)) return out;
+    at::Tensor gx, gt;
+    if (at::GradMode::is_enabled()) {
+      std::tie(gx, gt) = backward_differentiable(go, x, t, ts, w, pw, red, need_x, need_t);
+    } else {
+      std::tie(gx, gt) = bwd_op().call(go, x, to_opt(t), ts, to_opt(w), to_opt(pw), red, need_t);
+    }
+    out[0] = need_x ? gx : at::Tensor();
+    out[1] = need_t ? gt : at::Tensor();
+    return out;
+  }
+};
+
+at::Tensor bce_autograd(const at::Tensor& input, const std::optional<at::Tensor>& target, double target_scalar,
+                        const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
+                        int64_t reduction) {
+  const bool t_def = target.has_value() && target->defined();
+  if (at::GradMode::is_enabled()) {
+    // As torch: weight / pos_weight are not differentiable.
+    TORCH_CHECK(!(weight.has_value() && weight->defined() && weight->requires_grad()),
+                "The function 'binary_cross_entropy_with_logits' is not differentiable with respect to argument "
+                "'weight'. This input cannot have requires_grad True.");
+    TORCH_CHECK(!(pos_weight.has_value() && pos_weight->defined() && pos_weight->requires_grad()),
+                "The function 'binary_cross_entropy_with_logits' is not differentiable with respect to argument "
+                "'pos_weight'. This input cannot have requires_grad True.");
+  }
+  if (!at::GradMode::is_enabled() || !(input.requires_grad() || (t_def && target->requires_grad()))) {
+    at::AutoDispatchBelowADInplaceOrView guard;  // nothing to record: skip the autograd Function
+    return fwd_op().call(input, target, target_scalar, weight, pos_weight, reduction);
+  }
+  return BceFn::apply(input, target, target_scalar, weight, pos_weight, reduction);
+}
+
+at::Tensor bce_noautograd(const at::Tensor& input, const std::optional<at::Tensor>& target, double target_scalar,
+                          const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
+                          int64_t reduction) {
+  return fwd_op().call(input, target, target_scalar, weight, pos_weight, reduction);
+}
+
+}  // namespace
+}  // namespace gankern
+
+TORCH_LIBRARY_FRAGMENT(gankern, m) {
+  // target: a tensor of the input's shape and dtype, or None and then target_scalar is the target
+  // of every element.  reduction: 0 none, 1 mean, 2 sum (at::Reduction).
+  m.def("bce_with_logits(Tensor input, Tensor? target, float target_scalar, Tensor? weight, Tensor? pos_weight, "
+        "int reduction) -> Tensor");
+  m.def("_bce_with_logits_fwd(Tensor input, Tensor? target, float target_scalar, Tensor? weight, "
+        "Tensor? pos_weight, int reduction) -> Tensor");
+  // -> (grad_input, grad_target); grad_target is an empty (0,) tensor unless need_target.
+  m.def("_bce_with_logits_bwd(Tensor grad_out, Tensor input, Tensor? target, float target_scalar, Tensor? weight, "
+        "Tensor? pos_weight, int reduction, bool need_target) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(gankern, Autograd, m) {
+  m.impl("bce_with_logits", &gankern::bce_autograd);
+}
+
+TORCH_LIBRARY_IMPL(gankern, CompositeExplicitAutograd, m) {
+  m.impl("bce_with_logits", &gankern::bce_noautograd);
+}

@@ -1,0 +1,96 @@
+// ATen glue of the CUDA BCE-with-logits kernels (csrc/cuda/bce.cu): argument checks (shared
+// with the CPU kernels: bce::check_args), operand preparation, device guard, stream, allocation.
+// Built only against a CUDA torch (CMakeLists.txt).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAException.h>
+#include <torch/library.h>
+#include "gankern/common.h"
+#include "gankern/bce.h"
+
+namespace gankern {
+namespace cuda_bce {
+cudaError_t bce_fwd(int dtype, const void* x, const void* t, double t_s, const void* w, int w_mode, const void* pw,
+                    int pw_mode, void* out, double* partial, int64_t N, int64_t reduction, cudaStream_t s);
+cudaError_t bce_bwd(int dtype, const void* g, bool g_full, double g_scale, const void* x, const void* t, double t_s,
+                    const void* w, int w_mode, const void* pw, int pw_mode, void* gx, void* gt, int64_t N,
+                    cudaStream_t s);
+}  // namespace cuda_bce
+
+namespace {
+
+int dtype_code(at::ScalarType dt) {
+  switch (dt) {
+    case at::kFloat: return 0;
+    case at::kHalf: return 1;
+    case at::kBFloat16: return 2;
+    case at::kDouble: return 3;
+    default: TORCH_CHECK(false, "bce_with_logits: unsupported dtype ", dt);
+  }
+  return -1;
+}
+
+// (pointer, mode): mode 0 absent, 1 one element, 2 one per element (see bce::prepare).
+std::pair<const void*, int> wptr(const at::Tensor& w) {
+  if (!w.defined()) return {nullptr, 0};
+  return {w.data_ptr(), w.dim() == 0 ? 1 : 2};
+}
+
+at::Tensor bce_fwd_cuda(const at::Tensor& input, const std::optional<at::Tensor>& target, double target_scalar,
+                        const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
+                        int64_t reduction) {
+  bce::check_args(input, target, target_scalar, weight, pos_weight, reduction);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const bce::Operands o = bce::prepare(input, target, weight, pos_weight);
+  const int64_t N = o.x.numel();
+  at::Tensor out = reduction == bce::kNone ? new_empty(o.x.sizes(), o.x.options()) : new_empty({}, o.x.options());
+  at::Tensor partial;
+  const int64_t P = (N + bce::kChunk - 1) / bce::kChunk;
+  if (reduction != bce::kNone && P > 1) partial = at::empty({P}, o.x.options().dtype(at::kDouble));
+  auto [w, wm] = wptr(o.w);
+  auto [pw, pm] = wptr(o.pw);
+  C10_CUDA_CHECK(cuda_bce::bce_fwd(dtype_code(o.x.scalar_type()), o.x.data_ptr(),
+                                   o.t.defined() ? o.t.data_ptr() : nullptr, target_scalar, w, wm, pw, pm,
+                                   out.data_ptr(), partial.defined() ? partial.data_ptr<double>() : nullptr, N,
+                                   reduction, at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> bce_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& input,
+                                                const std::optional<at::Tensor>& target, double target_scalar,
+                                                const std::optional<at::Tensor>& weight,
+                                                const std::optional<at::Tensor>& pos_weight, int64_t reduction,
+                                                bool need_target) {
+  bce::check_args(input, target, target_scalar, weight, pos_weight, reduction);
+  TORCH_CHECK(grad_out.device() == input.device(), "bce_with_logits backward: grad_out must be on ",
+              input.device(), ", got ", grad_out.device());
+  TORCH_CHECK(reduction == bce::kNone ? at::is_expandable_to(grad_out.sizes(), input.sizes()) : grad_out.numel() == 1,
+              "bce_with_logits backward: grad_out has shape ", grad_out.sizes(), ", expected ",
+              reduction == bce::kNone ? "the input's shape" : "a single element");
+  TORCH_CHECK(!need_target || (target.has_value() && target->defined()),
+              "bce_with_logits backward: need_target=True requires a target tensor");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const bce::Operands o = bce::prepare(input, target, weight, pos_weight);
+  const int64_t N = o.x.numel();
+  at::Tensor g = grad_out.to(o.x.scalar_type());
+  g = reduction == bce::kNone ? g.expand(o.x.sizes()).contiguous() : g.reshape({}).contiguous();
+  const double g_scale = (reduction == bce::kMean && N) ? 1.0 / static_cast<double>(N) : 1.0;
+  at::Tensor gx = new_empty(o.x.sizes(), o.x.options());
+  at::Tensor gt = need_target ? new_empty(o.x.sizes(), o.x.options()) : at::empty({0}, o.x.options());
+  auto [w, wm] = wptr(o.w);
+  auto [pw, pm] = wptr(o.pw);
+  C10_CUDA_CHECK(cuda_bce::bce_bwd(dtype_code(o.x.scalar_type()), g.data_ptr(), reduction == bce::kNone, g_scale,
+                                   o.x.data_ptr(), o.t.defined() ? o.t.data_ptr() : nullptr, target_scalar, w, wm,
+                                   pw, pm, gx.data_ptr(), need_target ? gt.data_ptr() : nullptr, N,
+                                   at::cuda::getCurrentCUDAStream()));
+  return {gx, gt};
+}
+
+}  // namespace
+}  // namespace gankern
+
+TORCH_LIBRARY_IMPL(gankern, CUDA, m) {
+  m.impl("_bce_with_logits_fwd", &gankern::bce_fwd_cuda);
+  m.impl("_bce_with_logits_bwd", &gankern::bce_bwd_cuda);
+}
