@@ -69,6 +69,7 @@ void epilogue(out_t* out, const acc_t* acc, const acc_t* bias, int64_t M, int64_
 
 at::Tensor fwd_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
                    double slope) {
+  GANKERN_NO_AUTOCAST();
   const at::Tensor bias = bias_opt.has_value() ? *bias_opt : at::Tensor();
   check_args(input, weight, bias, kFwd);
   TORCH_CHECK(input.device().is_cpu(), kFwd, ": expected CPU tensors, got ", input.device());
@@ -152,6 +153,7 @@ void dz_colsum(const in_t* __restrict g, const in_t* __restrict s, dz_t* __restr
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_output, const at::Tensor& saved,
                                                        const at::Tensor& input, const at::Tensor& weight, double slope,
                                                        std::array<bool, 3> mask) {
+  GANKERN_NO_AUTOCAST();
   check_bwd_args(grad_output, saved, input, weight, kBwd);
   TORCH_CHECK(input.device().is_cpu(), kBwd, ": expected CPU tensors, got ", input.device());
   const int64_t N = weight.size(0), K = weight.size(1), M = rows_of(input);

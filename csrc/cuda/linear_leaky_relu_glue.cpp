@@ -38,6 +38,7 @@ void check_cuda(cudaError_t e, const char* op) {
 
 at::Tensor fwd_cuda(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
                     double slope) {
+  GANKERN_NO_AUTOCAST();
   const at::Tensor bias = bias_opt.has_value() ? *bias_opt : at::Tensor();
   check_args(input, weight, bias, kFwd);
   TORCH_CHECK(input.is_cuda(), kFwd, ": expected CUDA tensors, got ", input.device());
@@ -63,6 +64,7 @@ at::Tensor fwd_cuda(const at::Tensor& input, const at::Tensor& weight, const std
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_output, const at::Tensor& saved,
                                                         const at::Tensor& input, const at::Tensor& weight,
                                                         double slope, std::array<bool, 3> mask) {
+  GANKERN_NO_AUTOCAST();
   check_bwd_args(grad_output, saved, input, weight, kBwd);
   TORCH_CHECK(input.is_cuda(), kBwd, ": expected CUDA tensors, got ", input.device());
   c10::cuda::CUDAGuard guard(input.device());

@@ -41,33 +41,33 @@ def linear_leaky_relu(input, weight, bias=None, negative_slope=0.2, *, backend=N
 
 
 def _check(input, weight, bias):
-    """The Python twin of the C++ check (Triton backend): clear errors naming the argument."""
+    """The Python twin of the C++ check (Triton backend): the same messages and the same RuntimeError."""
     op = "gankern.linear_leaky_relu"
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{op}: weight must be a torch.Tensor, got {type(weight).__name__}")
     ok = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
     if input.dim() < 1:
-        raise ValueError(f"{op}: input must have shape (*, in_features) with at least 1 dimension; got a 0-d tensor")
+        raise RuntimeError(f"{op}: input must have shape (*, in_features) with at least 1 dimension; got a 0-d tensor")
     if weight.dim() != 2:
-        raise ValueError(f"{op}: weight must be 2-D (out_features, in_features); got shape {list(weight.shape)}")
+        raise RuntimeError(f"{op}: weight must be 2-D (out_features, in_features); got shape {list(weight.shape)}")
     if input.dtype not in ok:
-        raise TypeError(f"{op}: input must be float32, float64, float16 or bfloat16; got {input.dtype}")
+        raise RuntimeError(f"{op}: input must be float32, float64, float16 or bfloat16; got {input.dtype}")
     if weight.dtype != input.dtype:
-        raise TypeError(f"{op}: weight dtype {weight.dtype} does not match input dtype {input.dtype}")
+        raise RuntimeError(f"{op}: weight dtype {weight.dtype} does not match input dtype {input.dtype}")
     if weight.device != input.device:
-        raise ValueError(f"{op}: weight is on {weight.device} but input is on {input.device} (expected the same device)")
+        raise RuntimeError(f"{op}: weight is on {weight.device} but input is on {input.device} (expected the same device)")
     if input.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{op}: input.shape[-1] (in_features) must equal weight.shape[1]; got input shape "
+        raise RuntimeError(f"{op}: input.shape[-1] (in_features) must equal weight.shape[1]; got input shape "
                          f"{list(input.shape)} and weight shape {list(weight.shape)}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"{op}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"{op}: bias must have shape (out_features,) = ({weight.shape[0]},); got shape {list(bias.shape)}")
+            raise RuntimeError(f"{op}: bias must have shape (out_features,) = ({weight.shape[0]},); got shape {list(bias.shape)}")
         if bias.dtype != input.dtype:
-            raise TypeError(f"{op}: bias dtype {bias.dtype} does not match input dtype {input.dtype}")
+            raise RuntimeError(f"{op}: bias dtype {bias.dtype} does not match input dtype {input.dtype}")
         if bias.device != input.device:
-            raise ValueError(f"{op}: bias is on {bias.device} but input is on {input.device} (expected the same device)")
+            raise RuntimeError(f"{op}: bias is on {bias.device} but input is on {input.device} (expected the same device)")
 
 
 def _out_shape(input, weight):

@@ -2,6 +2,7 @@
 // Not for .cu files: those stay free of ATen headers.
 #pragma once
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <atomic>
 #include <limits>
 
@@ -30,5 +31,11 @@ inline at::Tensor new_empty(at::IntArrayRef sizes, const at::TensorOptions& opts
 inline at::Tensor new_empty_like(const at::Tensor& t, at::MemoryFormat fmt = at::MemoryFormat::Preserve) {
   return poisoned(at::empty_like(t, fmt));
 }
+
+// Internal kernels compute in the dtypes they are given: ATen calls inside them (at::mm, ...)
+// must not be re-cast by an enclosing autocast region (the drop-in modules apply autocast's
+// casting rules themselves, before calling the op).
+#define GANKERN_NO_AUTOCAST() \
+  c10::impl::ExcludeDispatchKeyGuard gankern_no_autocast_guard_(c10::autocast_dispatch_keyset)
 
 }  // namespace gankern
