@@ -63,6 +63,19 @@ void check_args(const at::Tensor& input, const std::optional<at::Tensor>& target
   }
 }
 
+void check_bwd_args(const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& target,
+                    double target_scalar, const std::optional<at::Tensor>& weight,
+                    const std::optional<at::Tensor>& pos_weight, int64_t reduction, bool need_target) {
+  check_args(input, target, target_scalar, weight, pos_weight, reduction);
+  TORCH_CHECK(grad_out.device() == input.device(), "bce_with_logits backward: grad_out must be on ",
+              input.device(), ", got ", grad_out.device());
+  TORCH_CHECK(reduction == kNone ? at::is_expandable_to(grad_out.sizes(), input.sizes()) : grad_out.numel() == 1,
+              "bce_with_logits backward: grad_out has shape ", grad_out.sizes(), ", expected ",
+              reduction == kNone ? "the input's shape" : "a single element");
+  TORCH_CHECK(!need_target || (target.has_value() && target->defined()),
+              "bce_with_logits backward: need_target=True requires a target tensor");
+}
+
 static at::Tensor prep_weight(const std::optional<at::Tensor>& w, const at::Tensor& input, at::ScalarType acc) {
   if (!w.has_value() || !w->defined()) return at::Tensor();
   at::Tensor a = w->to(acc);

@@ -62,14 +62,7 @@ std::tuple<at::Tensor, at::Tensor> bce_bwd_cuda(const at::Tensor& grad_out, cons
                                                 const std::optional<at::Tensor>& weight,
                                                 const std::optional<at::Tensor>& pos_weight, int64_t reduction,
                                                 bool need_target) {
-  bce::check_args(input, target, target_scalar, weight, pos_weight, reduction);
-  TORCH_CHECK(grad_out.device() == input.device(), "bce_with_logits backward: grad_out must be on ",
-              input.device(), ", got ", grad_out.device());
-  TORCH_CHECK(reduction == bce::kNone ? at::is_expandable_to(grad_out.sizes(), input.sizes()) : grad_out.numel() == 1,
-              "bce_with_logits backward: grad_out has shape ", grad_out.sizes(), ", expected ",
-              reduction == bce::kNone ? "the input's shape" : "a single element");
-  TORCH_CHECK(!need_target || (target.has_value() && target->defined()),
-              "bce_with_logits backward: need_target=True requires a target tensor");
+  bce::check_bwd_args(grad_out, input, target, target_scalar, weight, pos_weight, reduction, need_target);
   const c10::cuda::CUDAGuard guard(input.device());
   const bce::Operands o = bce::prepare(input, target, weight, pos_weight);
   const int64_t N = o.x.numel();

@@ -74,6 +74,10 @@ namespace bce {
 void check_args(const at::Tensor& input, const std::optional<at::Tensor>& target, double target_scalar,
                 const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
                 int64_t reduction);
+// The backward kernels' checks (CPU and CUDA): check_args plus grad_out's device/shape and need_target.
+void check_bwd_args(const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& target,
+                    double target_scalar, const std::optional<at::Tensor>& weight,
+                    const std::optional<at::Tensor>& pos_weight, int64_t reduction, bool need_target);
 
 // The operands as the kernels read them.
 struct Operands {
