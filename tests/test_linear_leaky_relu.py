@@ -69,6 +69,9 @@ CPP_CASES = [
     ((1, 784), 127, torch.bfloat16, 0.0, True, False),
     ((7, 7), 784, torch.bfloat16, 1.0, False, False),
     ((31, 17), 9, torch.float64, 0.2, True, True),
+    # above the oneDNN threshold (csrc/cpu/linear_leaky_relu.cpp: kOneDnnMinMacs = 2**23 multiply-adds)
+    ((2, 64, 300), 600, torch.float32, 0.0, True, False),
+    ((128, 256), 257, torch.float32, 0.01, False, True),
 ]
 
 
@@ -149,6 +152,27 @@ def test_kink_and_nan_follow_torch(backend, slope):
     for got, exp, name in zip(torch.autograd.grad(y, [xs[0], ws[0]], g),
                               torch.autograd.grad(yr, [xs[1], ws[1]], g.double()), ["grad_input", "grad_weight"]):
         assert_close(got, exp, torch.float32, name=name)
+
+
+@needs_cpp
+@pytest.mark.parametrize("engine", ["onednn", "mkl"])
+@pytest.mark.parametrize("slope", [0.0, 0.2])
+def test_large_nan_inf_follow_torch(monkeypatch, engine, slope):
+    """GEMMs big enough for the oneDNN path (and the same forced onto MKL): NaN/Inf as in torch."""
+    monkeypatch.setenv("GANKERN_LLR_GEMM", engine)
+    x, w, b = make((128, 256), 300, torch.float32)
+    x[5, 7] = float("nan")
+    x[9, 3] = float("inf")
+    x[11, 0] = -float("inf")
+    xs = [x.clone().requires_grad_(), x.double().requires_grad_()]
+    y = gankern.linear_leaky_relu(xs[0], w, b, slope, backend="cpp")
+    yr = F.leaky_relu(F.linear(xs[1], w.double(), b.double()), slope)
+    assert yr.isnan().any() and yr.isinf().any()
+    assert_close(y, yr, scale=sqrt_scale(256), name="output")
+    g = torch.randn(y.shape)
+    g[0, 0] = float("nan")
+    (gx,), (gxr,) = torch.autograd.grad(y, xs[0], g), torch.autograd.grad(yr, xs[1], g.double())
+    assert_close(gx, gxr, torch.float32, scale=sqrt_scale(300), name="grad_input")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

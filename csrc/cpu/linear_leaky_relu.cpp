@@ -1,13 +1,16 @@
 // CPU kernels of gankern::_linear_leaky_relu_fwd / _bwd.
 //
-// Forward:  MKL GEMM (at::mm_out into a fresh output, beta = 0) then ONE fused pass
-//           out = leaky_relu(out + bias) (parallel over rows, vectorized over columns).
+// Forward (fp32):   oneDNN inner product with bias + LeakyReLU post-ops on the fp32 accumulator
+//                   (one call, no second pass), for GEMMs above kOneDnnMinMacs; else (and without
+//                   oneDNN, and for fp64) MKL GEMM (at::cpu::mm_out) then ONE fused pass
+//                   out = leaky_relu(out + bias) (parallel over rows, vectorized over columns).
 //           float16/bfloat16: the CPU half GEMM is ~9x slower than fp32 here and rounds before the
 //           bias, so the operands are widened to fp32, the GEMM accumulates in fp32 and the epilogue
 //           (bias + activation) runs on the fp32 accumulator, rounding once into the half output.
 // Backward: ONE pass dZ = dY * (s > 0 ? 1 : slope) fused with the bias gradient (column sums,
 //           fp32/fp64 accumulators, parallel over column blocks: no reduction across threads), then
-//           the GEMMs dX = dZ W and dW = dZ^T X (fp32 for half inputs, rounded once).
+//           the GEMMs dX = dZ W (oneDNN for fp32 above the threshold, else MKL) and dW = dZ^T X (MKL)
+//           (fp32 for half inputs, rounded once).
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <c10/util/irange.h>
@@ -15,8 +18,11 @@
 #include <ATen/ops/mm_cpu_dispatch.h>
 #include <c10/core/GradMode.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/Context.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 #include "gankern/common.h"
 #include "gankern/linear_leaky_relu.h"
@@ -27,17 +33,37 @@ namespace {
 
 const char* kFwd = "gankern._linear_leaky_relu_fwd";
 
-// Threading of the GEMMs.  At GAN sizes MKL's own threading of one GEMM scales poorly on few
-// cores, so with T threads the forward splits its rows into T blocks, each a single-threaded
-// GEMM (MKL runs sequentially inside a parallel region) followed by the epilogue while the block
-// is still in cache; the backward runs the dX and dW GEMMs side by side.
-// Opt-in with GANKERN_LLR_SPLIT=1: on this shared, heavily loaded 2-core machine the A/B
-// measurements were too noisy to show a gain, so the default is MKL threading each GEMM.
-bool split_gemms() {
-  const char* e = std::getenv("GANKERN_LLR_SPLIT");  // read per call (~tens of ns): A/B comparisons
-  const bool on = e != nullptr && e[0] == '1';
-  return on && at::get_num_threads() > 1 && !at::in_parallel_region();
+// GEMM engine for fp32.  torch's CPU build ships oneDNN; its fused inner product
+// (mkldnn::_linear_pointwise, which torch.compile's CPU backend uses for Linear+pointwise fusion)
+// applies bias + LeakyReLU as post-ops on the fp32 accumulator, inside the GEMM, so there is no
+// second pass over the output, and its fp32 kernels run ~10% faster than MKL's sgemm on the
+// machines we measured (AVX-512).  Used for the forward and for dX = dZ W; dW = dZ^T X stays on
+// MKL (no gain measured).  Missing oneDNN (torch built without it) -> MKL GEMM + one fused pass.
+// GANKERN_LLR_GEMM=mkl forces the MKL path (read per call: A/B comparisons in one process).
+using LinearPointwise = c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                                            const std::optional<at::Tensor>&, c10::string_view,
+                                                            c10::List<std::optional<c10::Scalar>>,
+                                                            std::optional<c10::string_view>)>;
+// Below ~8M multiply-adds oneDNN's per-call set-up (primitive cache lookup, memory descriptors,
+// ~10 us) costs more than it saves: MKL there.
+constexpr int64_t kOneDnnMinMacs = int64_t(1) << 23;
+
+const LinearPointwise* onednn_linear(int64_t M, int64_t N, int64_t K) {
+  if (M <= 0 || N <= 0 || K <= 0 || M * N * K < kOneDnnMinMacs) return nullptr;
+  static const LinearPointwise* op = []() -> const LinearPointwise* {
+    if (!at::hasMKLDNN()) return nullptr;
+    auto h = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+    if (!h.has_value() || !h->hasKernelForDispatchKey(c10::DispatchKey::CPU)) return nullptr;
+    return new LinearPointwise(h->typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                                   const std::optional<at::Tensor>&, c10::string_view,
+                                                   c10::List<std::optional<c10::Scalar>>,
+                                                   std::optional<c10::string_view>)>());
+  }();
+  const char* e = std::getenv("GANKERN_LLR_GEMM");
+  if (e != nullptr && std::strcmp(e, "mkl") == 0) return nullptr;
+  return op;
 }
+
 const char* kBwd = "gankern._linear_leaky_relu_bwd";
 
 int64_t rows_of(const at::Tensor& input) {
@@ -67,6 +93,22 @@ void epilogue(out_t* out, const acc_t* acc, const acc_t* bias, int64_t M, int64_
   });
 }
 
+// y (M, N) = act(x (M, K) @ w^T + b) with oneDNN; act = leaky_relu(slope), or none when slope == 1.
+at::Tensor onednn_fwd(const LinearPointwise& op, const at::Tensor& x2, const at::Tensor& w,
+                      const at::Tensor& b, double slope) {
+  const std::optional<at::Tensor> bias = b.defined() ? std::optional<at::Tensor>(b) : std::nullopt;
+  c10::List<std::optional<c10::Scalar>> scalars;
+  if (slope == 1.0) return op.call(x2, w, bias, "none", scalars, std::nullopt);
+  if (slope == 0.0) {  // oneDNN's ReLU turns NaN into 0; torch keeps NaN: our own pass
+    at::Tensor y = op.call(x2, w, bias, "none", scalars, std::nullopt);
+    float* p = y.data_ptr<float>();
+    epilogue<float, float>(p, p, nullptr, y.size(0), y.size(1), 0.0f);
+    return y;
+  }
+  scalars.push_back(c10::Scalar(slope));
+  return op.call(x2, w, bias, "leaky_relu", scalars, std::nullopt);
+}
+
 at::Tensor fwd_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
                    double slope) {
   GANKERN_NO_AUTOCAST();
@@ -74,41 +116,22 @@ at::Tensor fwd_cpu(const at::Tensor& input, const at::Tensor& weight, const std:
   check_args(input, weight, bias, kFwd);
   TORCH_CHECK(input.device().is_cpu(), kFwd, ": expected CPU tensors, got ", input.device());
   const int64_t N = weight.size(0), K = weight.size(1), M = rows_of(input);
+  const at::Tensor x2 = input.reshape({M, K});
+  const auto st = input.scalar_type();
+  if (st == at::kFloat) {
+    if (const LinearPointwise* op = onednn_linear(M, N, K)) return onednn_fwd(*op, x2, weight, bias, slope).view(out_shape(input, N));
+  }
   at::Tensor out = new_empty(out_shape(input, N), input.options());
   if (out.numel() == 0) return out;
   at::Tensor out2 = out.view({M, N});
-  const at::Tensor x2 = input.reshape({M, K});
-  const auto st = input.scalar_type();
   if (st == at::kFloat || st == at::kDouble) {
     AT_DISPATCH_FLOATING_TYPES(st, "llr_fwd_cpu", [&] {
       const at::Tensor b = bias.defined() ? bias.contiguous() : at::Tensor();
       const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
-      const bool act = b.defined() || slope != 1.0;
-      const at::Tensor wt = weight.t();
-      const int64_t T = at::get_num_threads();
-      if (split_gemms() && M >= 2 * 16) {
-        const int64_t rows = (M + T - 1) / T;
-        at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-          // worker threads do not inherit the caller's thread-local autograd state
-          c10::AutoGradMode no_grad(false);
-          at::AutoDispatchBelowADInplaceOrView below_autograd;
-          for (int64_t t = t0; t < t1; ++t) {
-            const int64_t r0 = t * rows, r1 = std::min(M, r0 + rows);
-            if (r0 >= r1) continue;
-            at::Tensor o = out2.narrow(0, r0, r1 - r0);
-            at::cpu::mm_out(o, x2.narrow(0, r0, r1 - r0), wt);
-            if (act) {  // inside the parallel region: runs sequentially on this block
-              scalar_t* op = o.data_ptr<scalar_t>();
-              epilogue<scalar_t, scalar_t>(op, op, bp, r1 - r0, N, static_cast<scalar_t>(slope));
-            }
-          }
-        });
-      } else {
-        at::cpu::mm_out(out2, x2, wt);
-        if (act) {
-          scalar_t* o = out2.data_ptr<scalar_t>();
-          epilogue<scalar_t, scalar_t>(o, o, bp, M, N, static_cast<scalar_t>(slope));
-        }
+      at::cpu::mm_out(out2, x2, weight.t());
+      if (b.defined() || slope != 1.0) {
+        scalar_t* o = out2.data_ptr<scalar_t>();
+        epilogue<scalar_t, scalar_t>(o, o, bp, M, N, static_cast<scalar_t>(slope));
       }
     });
   } else {  // float16 / bfloat16: fp32 GEMM + epilogue on the fp32 accumulator
@@ -161,7 +184,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
   const bool half = !(st == at::kFloat || st == at::kDouble);
   const auto acc_type = st == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor gx, gw, gb;
-  if (mask[0]) gx = new_empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+  // dX on oneDNN (fp32): it allocates dX itself
+  const LinearPointwise* gx_op = (mask[0] && st == at::kFloat) ? onednn_linear(M, N, K) : nullptr;
+  if (mask[0] && gx_op == nullptr)
+    gx = new_empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
   if (mask[1]) gw = new_empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
   if (mask[2]) gb = new_empty({N}, weight.options());
   if (!(mask[0] || mask[1] || mask[2])) return {gx, gw, gb};
@@ -182,27 +208,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
     db.zero_();
   }
   if (mask[2] && half) gb.copy_(db);
-  auto grad_input = [&] {
-    const at::Tensor w = half ? weight.to(at::kFloat) : weight;
-    at::Tensor gx2 = gx.view({M, K});
-    if (half) gx2.copy_(at::mm(dz, w));
-    else at::cpu::mm_out(gx2, dz, w);
-  };
-  auto grad_weight = [&] {
+  if (mask[0]) {
+    if (gx_op != nullptr) {
+      gx = gx_op->call(dz, weight.t(), std::nullopt, "none", c10::List<std::optional<c10::Scalar>>(),
+                        std::nullopt).view(input.sizes());
+    } else {
+      at::Tensor gx2 = gx.view({M, K});
+      if (half) gx2.copy_(at::mm(dz, weight.to(at::kFloat)));
+      else at::cpu::mm_out(gx2, dz, weight);
+    }
+  }
+  if (mask[1]) {
     const at::Tensor x = half ? input.reshape({M, K}).to(at::kFloat) : input.reshape({M, K});
     if (half) gw.copy_(at::mm(dz.t(), x));
     else at::cpu::mm_out(gw, dz.t(), x);
-  };
-  if (mask[0] && mask[1] && !half && at::get_num_threads() == 2 && split_gemms()) {
-    // the two GEMMs have the same FLOP count: one per thread, each single-threaded
-    at::parallel_for(0, 2, 1, [&](int64_t t0, int64_t t1) {
-      c10::AutoGradMode no_grad(false);
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      for (int64_t t = t0; t < t1; ++t) (t == 0 ? grad_input() : grad_weight());
-    });
-  } else {
-    if (mask[0]) grad_input();
-    if (mask[1]) grad_weight();
   }
   return {gx, gw, gb};
 }
