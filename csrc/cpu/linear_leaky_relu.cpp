@@ -146,6 +146,7 @@ at::Tensor fwd_cpu(const at::Tensor& input, const at::Tensor& weight, const std:
 }
 
 // dz[i, j] = g[i, j] * (s[i, j] > 0 ? 1 : slope); db[j] = sum_i dz[i, j] (if db != nullptr).
+// dz == nullptr (slope 1: dZ is dY itself): only the column sums.
 template <typename in_t, typename dz_t, typename acc_t>
 void dz_colsum(const in_t* __restrict g, const in_t* __restrict s, dz_t* __restrict dz, acc_t* __restrict db,
                int64_t M, int64_t N, acc_t slope) {
@@ -158,7 +159,9 @@ void dz_colsum(const in_t* __restrict g, const in_t* __restrict s, dz_t* __restr
       const in_t* gi = g + i * N + n0;
       const in_t* si = s + i * N + n0;
       dz_t* di = dz + i * N + n0;
-      if (db != nullptr) {
+      if (dz == nullptr) {
+        for (int64_t j = 0; j < w; ++j) acc[j] += static_cast<acc_t>(gi[j]);
+      } else if (db != nullptr) {
         for (int64_t j = 0; j < w; ++j) {
           const acc_t v = leaky_relu_grad<acc_t>(static_cast<acc_t>(gi[j]), static_cast<acc_t>(si[j]), slope);
           di[j] = static_cast<dz_t>(v);
@@ -194,14 +197,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
 
   const at::Tensor g = grad_output.reshape({M, N}).contiguous();
   const at::Tensor s = saved.reshape({M, N}).contiguous();
-  // dZ in the input dtype (fp32 for half inputs: the GEMMs then run in fp32)
-  at::Tensor dz = at::empty({M, N}, input.options().dtype(acc_type));
+  // dZ in the input dtype (fp32 for half inputs: the GEMMs then run in fp32); slope 1 (a plain
+  // Linear): dZ is dY itself, no pass but the bias column sums
+  const bool identity = slope == 1.0 && !half;
+  at::Tensor dz = identity ? g : at::empty({M, N}, input.options().dtype(acc_type));
   at::Tensor db = mask[2] ? (half ? at::empty({N}, input.options().dtype(at::kFloat)) : gb) : at::Tensor();
-  if (M * N > 0) {
+  if (M * N > 0 && (!identity || db.defined())) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "llr_bwd_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       dz_colsum<scalar_t, acc_t, acc_t>(g.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
-                                        dz.data_ptr<acc_t>(), db.defined() ? db.data_ptr<acc_t>() : nullptr, M, N,
+                                        identity ? nullptr : dz.data_ptr<acc_t>(),
+                                        db.defined() ? db.data_ptr<acc_t>() : nullptr, M, N,
                                         static_cast<acc_t>(slope));
     });
   } else if (db.defined()) {
