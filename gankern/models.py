@@ -4,7 +4,7 @@ Every model takes flat inputs and gives flat outputs: the generator maps ``z`` (
 (N, H*W) in [0, 1]; the discriminator maps images (N, H*W) (or (N, 1, H, W)) to logits (N, 1).
 
 ``fused=True`` builds the blocks from the fused layers (``gankern.nn.LinearLeakyReLU``,
-``BatchNormReLU1d/2d``); ``fused=False`` builds the same structure from torch.nn (Linear, BatchNorm,
+``BatchNormReLU1d/2d``, and ``gankern.nn.Linear`` for the MLP generator's Linear layers); ``fused=False`` builds the same structure from torch.nn (Linear, BatchNorm,
 ReLU, LeakyReLU).  Parameter-free activations live in their own attributes, so the state_dict keys of
 the two variants are identical: a checkpoint of one loads into the other.
 
@@ -36,7 +36,7 @@ class _GBlock(nn.Module):
 
     def __init__(self, fin, fout, fused, backend):
         super().__init__()
-        self.linear = nn.Linear(fin, fout, bias=False)
+        self.linear = _gnn().Linear(fin, fout, bias=False, backend=backend) if fused else nn.Linear(fin, fout, bias=False)
         self.bn = _gnn().BatchNormReLU1d(fout, backend=backend) if fused else nn.BatchNorm1d(fout)
         self.act = nn.Identity() if fused else nn.ReLU()
 
@@ -63,7 +63,7 @@ class MLPGenerator(nn.Module):
         self.z_dim, self.pixels = z_dim, pixels
         dims = (z_dim,) + tuple(hidden)
         self.blocks = nn.ModuleList(_GBlock(a, b, fused, backend) for a, b in zip(dims[:-1], dims[1:]))
-        self.out = nn.Linear(dims[-1], pixels)
+        self.out = _gnn().Linear(dims[-1], pixels, backend=backend) if fused else nn.Linear(dims[-1], pixels)
 
     def forward(self, z):
         x = z

@@ -6,6 +6,8 @@ gankern module                         replaces                                 
 ``LinearLeakyReLU``                    ``nn.Linear`` -> ``nn.LeakyReLU``              ``gankern.linear_leaky_relu``
 ``BatchNormReLU1d`` / ``2d``           ``nn.BatchNorm1d/2d`` -> ``nn.ReLU``           ``gankern.batch_norm_relu``
 ``BCEWithLogitsLoss``                  ``nn.BCEWithLogitsLoss``                       ``gankern.bce_with_logits``
+``Linear``                             ``nn.Linear`` (no activation)                  ``gankern.linear_leaky_relu``
+                                                                                      with ``negative_slope=1``
 =====================================  =============================================  ==========================
 
 Each module has exactly the parameters, buffers, initialisation (``reset_parameters``) and
@@ -39,7 +41,7 @@ from .ops.batch_norm_relu import batch_norm_relu as _batch_norm_relu
 from .ops.bce import bce_with_logits as _bce_with_logits
 from .ops.linear_leaky_relu import linear_leaky_relu as _linear_leaky_relu
 
-__all__ = ["LinearLeakyReLU", "BatchNormReLU1d", "BatchNormReLU2d", "BCEWithLogitsLoss"]
+__all__ = ["LinearLeakyReLU", "Linear", "BatchNormReLU1d", "BatchNormReLU2d", "BCEWithLogitsLoss"]
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -100,6 +102,26 @@ class LinearLeakyReLU(Module):
     def extra_repr(self) -> str:
         s = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
              f"negative_slope={self.negative_slope}")
+        if self.backend is not None:
+            s += f", backend={self.backend!r}"
+        return s
+
+
+class Linear(LinearLeakyReLU):
+    r"""``nn.Linear`` on gankern's GEMM path: ``linear_leaky_relu`` with ``negative_slope=1`` (no activation).
+
+    For the Linear layers that feed a BatchNorm (generator blocks) or an output activation: same
+    parameters, initialisation and state_dict as ``nn.Linear``.  On CPU its fp32 forward and input
+    gradient run on oneDNN's inner product (bias fused), and the bias gradient comes from one
+    column-sum pass; the backward keeps no activation mask.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 backend: str | None = None) -> None:
+        super().__init__(in_features, out_features, bias, 1.0, device, dtype, backend=backend)
+
+    def extra_repr(self) -> str:
+        s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
         if self.backend is not None:
             s += f", backend={self.backend!r}"
         return s

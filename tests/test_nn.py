@@ -1,5 +1,6 @@
 """gankern.nn modules vs the torch modules they replace (expected values from torch in float64)."""
 import copy
+import math
 import io
 
 import pytest
@@ -108,6 +109,48 @@ def test_linear_leaky_relu_module_api():
     assert m.to(torch.bfloat16).weight.dtype == torch.bfloat16
     meta = gnn.LinearLeakyReLU(3, 4, device="meta")
     assert meta.weight.device.type == "meta"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("in_shape,out_features,bias", [((7, 5), 3, True), ((2, 64, 300), 600, False),
+                                                        ((128, 1024), 784, True)])
+def test_linear_matches_nn_linear(backend, dtype, in_shape, out_features, bias):
+    """gankern.nn.Linear == nn.Linear (fp64) for output and every gradient (the last two shapes take the
+    oneDNN GEMM path of the cpp backend in fp32)."""
+    if backend == "triton" and math.prod(in_shape) * out_features > 1 << 20:
+        pytest.skip("too large for the Triton interpreter")
+    K = in_shape[-1]
+    m = gnn.Linear(K, out_features, bias=bias, dtype=dtype, backend=backend)
+    ref = nn.Linear(K, out_features, bias=bias, dtype=torch.float64)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(in_shape, dtype=dtype, requires_grad=True)
+    x64 = _leaf(x.double())
+    y, y64 = m(x), ref(x64)
+    assert y.dtype == dtype
+    assert_close(y, y64, dtype, scale=sqrt_scale(K))
+    g = torch.randn_like(y)
+    y.backward(g)
+    y64.backward(g.double())
+    N = x.numel() // K
+    assert_close(x.grad, x64.grad, dtype, scale=sqrt_scale(out_features) * _mag(x64.grad), name="grad_input")
+    assert_close(m.weight.grad, ref.weight.grad, dtype, scale=sqrt_scale(N) * _mag(ref.weight.grad),
+                 name="grad_weight")
+    if bias:
+        assert_close(m.bias.grad, ref.bias.grad, dtype, scale=sqrt_scale(N) * _mag(ref.bias.grad), name="grad_bias")
+
+
+def test_linear_module_api():
+    torch.manual_seed(5)
+    t = nn.Linear(7, 5)
+    torch.manual_seed(5)
+    m = gnn.Linear(7, 5)
+    assert torch.equal(t.weight, m.weight) and torch.equal(t.bias, m.bias)
+    assert list(m.state_dict()) == list(t.state_dict()) == ["weight", "bias"]
+    assert m.negative_slope == 1.0
+    assert repr(m) == "Linear(in_features=7, out_features=5, bias=True)"
+    assert gnn.Linear(2, 3, bias=False).bias is None
+    t.load_state_dict(gnn.Linear(7, 5).state_dict(), strict=True)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
