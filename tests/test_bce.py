@@ -197,6 +197,25 @@ def test_nan_inf_as_torch(backend, dtype):
             assert_close(gt, e_gt, dtype, name=f"grad_target pw={pw} {red}")
 
 
+# The logits of the dense sweep below: every exp / log1p / sigmoid regime (|x| small, exp(-|x|)
+# denormal for |x| in (87.3, 103.9), 0 beyond), and the extremes.
+_SWEEP_EXTREMES = [float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, 1.2e-38,
+                   -1.2e-38, 1e-30, -1e-30, 1e30, -1e30, 87.3, -87.3, 88.8, -88.8, 103.9, -103.9, 104.5, -104.5]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("target_kind", ["float", "tensor"])
+@pytest.mark.parametrize("with_pw", [False, True], ids=["no_pw", "pw"])
+def test_dense_sweep_fp32_vs_fp64(backend, target_kind, with_pw):
+    # 400k logits in [-100, 100] (step 5e-4) + the extremes; not a multiple of any vector width,
+    # above the C++ kernel's parallel threshold.
+    x = torch.cat([torch.linspace(-100.0, 100.0, 400_001), torch.tensor(_SWEEP_EXTREMES)])
+    pos_weight = torch.rand(x.shape) * 3 if with_pw else None
+    targets = [0.0, 1.0, 0.9] if target_kind == "float" else [torch.rand(x.shape)]
+    for target in targets:
+        _run_and_check(backend, x, target, None, pos_weight, "none", torch.float32)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_empty_input(backend):
     x = torch.randn(0, 3, requires_grad=True)
