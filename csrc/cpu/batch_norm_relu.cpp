@@ -7,18 +7,30 @@
 //            vectorized along S.
 // Any other strides are made contiguous first (as torch does, the output is then contiguous).
 //
-// Forward (training): statistics read x once from memory: each tile is reduced with an exact
-// two-pass (tile mean, then squared deviations -- the second read hits L1/L2), tiles are merged
-// with Chan's update in double, in a fixed order.  The work partition depends only on the
-// shape, never on the thread count, so the result is bitwise reproducible.  Then one pass
-// y = max(fma(x, scale, shift), 0).
+// Forward (training): statistics read x once from memory.  Rows layout: the data is cut into
+// tiles of kTileRows rows; a tile is processed in column chunks of a few SIMD vectors, each
+// chunk reduced with an exact two-pass in registers (chunk mean, then squared deviations from
+// it -- the second read hits L1), then merged into per-channel double accumulators with Chan's
+// update, vectorized across channels (the tile's row count is the same for every channel, so
+// the merge weights are scalars).  Planar layout: the same two-pass per tile of whole (n, c)
+// segments of one channel.  Tiles are merged in a fixed order; the work partition depends only
+// on the shape, never on the thread count, so the result is bitwise reproducible.  Then one
+// pass y = max(fma(x, scale, shift), 0).
 // Backward: one pass for sum(g) and sum(g * (x - mean)) per channel (g = dy gated by the ReLU
 // mask, recomputed from x with the forward's fma), one elementwise pass for dx.
-// ATen's Vectorized<T> uses AVX2 only when CPU_CAPABILITY_AVX2 is defined (torch's own build
-// sets it per dispatch variant); otherwise it silently falls back to a slow generic version.
-// The extension is compiled with -march=native: turn the AVX2 variant on when the compiler
-// targets AVX2 + FMA.  (inline namespace at::vec::AVX2, so no clash with other translation units.)
-#if defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY)
+// Elementwise passes (rows) keep the per-channel coefficients of a column chunk in registers
+// over a few rows.
+//
+// ATen's Vectorized<T> uses AVX2 / AVX-512 only when CPU_CAPABILITY_AVX2 / _AVX512 is defined
+// (torch's own build sets it per dispatch variant); otherwise it silently falls back to a slow
+// generic version.  The extension is compiled with -march=native: turn the widest variant the
+// compiler targets on (inline namespace at::vec::AVX2 / AVX512, so no clash with other
+// translation units).  GANKERN_BNR_NO_AVX512 forces the AVX2 variant (for comparisons).
+#if !defined(CPU_CAPABILITY) && !defined(GANKERN_BNR_NO_AVX512) && defined(__AVX512F__) && \
+    defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && defined(__FMA__)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#elif !defined(CPU_CAPABILITY) && defined(__AVX2__) && defined(__FMA__)
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #endif
@@ -29,7 +41,10 @@
 #include <ATen/cpu/vec/functional.h>
 #include <torch/library.h>
 #include <algorithm>
-#include <vector>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <type_traits>
 #include "gankern/common.h"
 #include "gankern/batch_norm_relu.h"
 
@@ -42,6 +57,12 @@ void bnr_check_args(const at::Tensor& input, const std::optional<at::Tensor>& ru
 namespace {
 
 using at::vec::Vectorized;
+
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kVecRegs = 32;
+#else
+constexpr int kVecRegs = 16;
+#endif
 
 // ---- loads / stores in the accumulation type (float for fp32/fp16/bf16, double for fp64) ----
 template <typename T>
@@ -81,7 +102,64 @@ struct VecIO {
       at::vec::convert_from_float<T>(v, v).store(p, n);
     }
   }
+  // TAIL: a partial vector of n elements.
+  template <bool TAIL>
+  static V ld(const T* p, int64_t n) {
+    if constexpr (TAIL) return load(p, n);
+    else return load(p);
+  }
+  template <bool TAIL>
+  static void st(T* p, const V& v, int64_t n) {
+    if constexpr (TAIL) store(p, v, n);
+    else store(p, v);
+  }
+  template <bool TAIL>
+  static V ldp(const acc_t* p, int64_t n) {
+    if constexpr (TAIL) return V::loadu(p, n);
+    else return V::loadu(p);
+  }
 };
+
+// max(pre, 0) propagating NaN (as torch.relu).
+template <typename V>
+inline V relu_v(const V& pre) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<V, Vectorized<float>>) return V(_mm512_max_ps(_mm512_setzero_ps(), pre));
+  if constexpr (std::is_same_v<V, Vectorized<double>>) return V(_mm512_max_pd(_mm512_setzero_pd(), pre));
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<V, Vectorized<float>>) return V(_mm256_max_ps(_mm256_setzero_ps(), pre));
+  if constexpr (std::is_same_v<V, Vectorized<double>>) return V(_mm256_max_pd(_mm256_setzero_pd(), pre));
+#endif
+  return at::vec::maximum(pre, V(0));
+}
+
+// g where the ReLU passes the gradient (!(pre <= 0), bnr::relu_passes), else 0.
+template <typename V>
+inline V gate_v(const V& pre, const V& g) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<V, Vectorized<float>>)
+    return V(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(pre, _mm512_setzero_ps(), _CMP_NLE_UQ), g));
+  if constexpr (std::is_same_v<V, Vectorized<double>>)
+    return V(_mm512_maskz_mov_pd(_mm512_cmp_pd_mask(pre, _mm512_setzero_pd(), _CMP_NLE_UQ), g));
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<V, Vectorized<float>>)
+    return V(_mm256_and_ps(_mm256_cmp_ps(pre, _mm256_setzero_ps(), _CMP_NLE_UQ), g));
+  if constexpr (std::is_same_v<V, Vectorized<double>>)
+    return V(_mm256_and_pd(_mm256_cmp_pd(pre, _mm256_setzero_pd(), _CMP_NLE_UQ), g));
+#endif
+  return V::blendv(g, V(0), pre <= V(0));
+}
+
+// Calls f(std::integral_constant<int, K>, std::bool_constant<TAIL>, c, n) over the columns
+// [c_begin, c_end) in chunks of K vectors of W lanes: KMAX-vector chunks, then single vectors,
+// then one partial vector of n < W lanes (TAIL).
+template <int KMAX, typename F>
+inline void for_chunks(int64_t c_begin, int64_t c_end, int64_t W, F&& f) {
+  int64_t c = c_begin;
+  for (; c + KMAX * W <= c_end; c += KMAX * W) f(std::integral_constant<int, KMAX>(), std::false_type(), c, W);
+  for (; c + W <= c_end; c += W) f(std::integral_constant<int, 1>(), std::false_type(), c, W);
+  if (c < c_end) f(std::integral_constant<int, 1>(), std::true_type(), c, c_end - c);
+}
 
 enum class Layout { Rows, Planar };
 
@@ -122,158 +200,385 @@ at::Tensor match_layout(const at::Tensor& dy, const at::Tensor& x) {
   return dy.contiguous(at::MemoryFormat::ChannelsLast3d);
 }
 
-// A 1-D tensor of any floating dtype and stride read as acc_t (default when undefined).
-template <typename acc_t>
-void read_param(const std::optional<at::Tensor>& t, int64_t C, acc_t dflt, std::vector<acc_t>& out) {
-  out.assign(C, dflt);
-  if (!t.has_value() || !t->defined()) return;
+bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Channels [c0, c1) of a 1-D tensor of any floating dtype and stride, read as dst_t into out[c0, c1)
+// (dflt when the tensor is undefined).
+template <typename dst_t>
+void read_param(const std::optional<at::Tensor>& t, int64_t c0, int64_t c1, dst_t dflt, dst_t* __restrict out) {
+  if (!has(t)) {
+    std::fill(out + c0, out + c1, dflt);
+    return;
+  }
   const int64_t st = t->stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t->scalar_type(), "bnr_read_param", [&] {
-    const scalar_t* p = t->data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<acc_t>(p[c * st]);
+    const scalar_t* __restrict p = t->const_data_ptr<scalar_t>();
+    if (st == 1) {
+      for (int64_t c = c0; c < c1; ++c) out[c] = static_cast<dst_t>(p[c]);
+    } else {
+      for (int64_t c = c0; c < c1; ++c) out[c] = static_cast<dst_t>(p[c * st]);
+    }
   });
 }
 
 template <typename src_t>
-void write_param(at::Tensor& t, const std::vector<src_t>& v) {
+void write_param(const at::Tensor& t, int64_t c0, int64_t c1, const src_t* __restrict v) {
   const int64_t st = t.stride(0);
-  const int64_t C = t.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "bnr_write_param", [&] {
-    scalar_t* p = t.data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c) p[c * st] = static_cast<scalar_t>(v[c]);
+    scalar_t* __restrict p = t.mutable_data_ptr<scalar_t>();
+    if (st == 1) {
+      for (int64_t c = c0; c < c1; ++c) p[c] = static_cast<scalar_t>(v[c]);
+    } else {
+      for (int64_t c = c0; c < c1; ++c) p[c * st] = static_cast<scalar_t>(v[c]);
+    }
   });
 }
 
-constexpr int64_t kGrainElems = 32768;  // below this much work per thread, stay single-threaded
+// Below this many elements a pass stays on the calling thread (a parallel region costs a few us).
+#ifndef BNR_PAR_MIN
+#define BNR_PAR_MIN 49152
+#endif
+constexpr int64_t kParMin = BNR_PAR_MIN;
+
+bool go_parallel(int64_t total_elems) {
+  return total_elems >= kParMin && at::get_num_threads() > 1 && !at::in_parallel_region();
+}
+
+// Runs f(t0, t1) over the tasks [0, n): on this thread when the pass is small, else split in
+// contiguous ranges (at::parallel_for's static split: two calls with the same n give every
+// thread the same tasks, so a second pass over the same data finds it in that core's cache).
+template <typename F>
+void run_tasks(int64_t n, int64_t total_elems, const F& f) {
+  if (n <= 0) return;
+  if (n == 1 || !go_parallel(total_elems)) f(0, n);
+  else at::parallel_for(0, n, 1, f);
+}
+
+// Elementwise passes over rows [0, M) of C values: every thread gets >= kParMin / 2 elements.
+template <typename F>
+void run_rows(int64_t M, int64_t C, const F& f) {
+  if (M <= 0) return;
+  if (!go_parallel(M * C)) f(0, M);
+  else at::parallel_for(0, M, std::max<int64_t>(1, (kParMin / 2) / std::max<int64_t>(1, C)), f);
+}
+
+// 1 / sqrt(v + eps), vectorized (std::sqrt in a plain loop is not: errno).
+void invstd_from_var(const double* var, double eps, double* out, int64_t n) {
+  using VD = Vectorized<double>;
+  constexpr int64_t W = VD::size();
+  const VD one(1.0), ve(eps);
+  int64_t c = 0;
+  for (; c + W <= n; c += W) (one / (VD::loadu(var + c) + ve).sqrt()).store(out + c);
+  if (c < n) (one / (VD::loadu(var + c, n - c) + ve).sqrt()).store(out + c, n - c);
+}
+
+// ------------------------------------------------------------------ rows layout: partition
+// A function of the shape only (never of the thread count), so results are bitwise reproducible:
+// column blocks of `width` channels x row groups of whole tiles of kTileRows rows.
+//   fused (ngroups == 1): a task is one column block over all rows; it computes the block's
+//     statistics and then runs the elementwise pass over the same block, while its data is still
+//     in this core's L2 (the block width is chosen so that the block's data fits).  Channels are
+//     independent, so no other synchronization is needed.
+//   otherwise (few column blocks: small C and many rows): statistics per (group, block) task,
+//     groups merged in a fixed order, then the elementwise pass over the same tasks.
+#ifndef BNR_TILE_ROWS
+#define BNR_TILE_ROWS 64
+#endif
+#ifndef BNR_SWEEP_ROWS
+#define BNR_SWEEP_ROWS 8
+#endif
+#ifndef BNR_EW_ROWS
+#define BNR_EW_ROWS 8
+#endif
+#ifndef BNR_L2_BUDGET
+#define BNR_L2_BUDGET (384 * 1024)
+#endif
+constexpr int64_t kTileRows = BNR_TILE_ROWS;  // float partial sums over at most this many rows
+constexpr int64_t kSweepRows = BNR_SWEEP_ROWS;  // rows per sweep of a reduction over a column block
+constexpr int64_t kEwRows = BNR_EW_ROWS;  // rows per coefficient load in the elementwise passes
+constexpr int64_t kColGrain = 64;  // block widths are multiples of this
+constexpr int64_t kMaxWidth = 256;
+constexpr int64_t kMinTasks = 8;
+constexpr int64_t kMinFusedBlocks = 4;
+constexpr int64_t kMinGroupRows = 256;
+constexpr int64_t kL2Budget = BNR_L2_BUDGET;  // bytes of input per column block (fused)
+
+struct RowsPlan {
+  int64_t M, C, width, ncb, ntiles, tpg, ngroups;
+  // bytes_per_value: input bytes per (row, channel): sizeof(T) for the forward, 2 * sizeof(T) backward
+  RowsPlan(int64_t M_, int64_t C_, int64_t bytes_per_value) : M(M_), C(C_) {
+    auto round_up = [](int64_t v) { return (v + kColGrain - 1) / kColGrain * kColGrain; };
+    const int64_t w_cache = kL2Budget / std::max<int64_t>(1, M * bytes_per_value) / kColGrain * kColGrain;
+    const int64_t w_tasks = round_up((C + kMinTasks - 1) / kMinTasks);
+    width = std::max(kColGrain, std::min({w_cache, w_tasks, kMaxWidth}));
+    ncb = (C + width - 1) / width;
+    ntiles = (M + kTileRows - 1) / kTileRows;
+    int64_t want = 1;
+    if (ncb < kMinFusedBlocks && M * C >= kParMin)
+      want = std::max<int64_t>(1, std::min((kMinTasks + ncb - 1) / ncb, M / kMinGroupRows));
+    tpg = std::max<int64_t>(1, (ntiles + want - 1) / want);
+    ngroups = std::max<int64_t>(1, (ntiles + tpg - 1) / tpg);  // every group non-empty
+  }
+  bool fused() const { return ngroups == 1; }
+  int64_t ntasks() const { return ngroups * ncb; }
+  int64_t c0(int64_t t) const { return (t % ncb) * width; }
+  int64_t c1(int64_t t) const { return std::min(C, c0(t) + width); }
+  int64_t r0(int64_t t) const { return std::min(M, (t / ncb) * tpg * kTileRows); }
+  int64_t r1(int64_t t) const { return std::min(M, (t / ncb + 1) * tpg * kTileRows); }
+  int64_t group(int64_t t) const { return t / ncb; }
+};
 
 // ------------------------------------------------------------------ statistics (training)
-// Partition (a function of the shape only):
-//   rows:   column blocks of kColBlock channels x row tasks (groups of kTileRows-row tiles)
-//   planar: channels x n-groups (groups of tiles of whole (n, c) segments)
-constexpr int64_t kColBlock = 256;
-constexpr int64_t kTileRows = 32;
-constexpr int64_t kMaxRowTasks = 16;
+// A task reduces its column block over its rows [r0, r1) in one pass around a per-channel shift
+// K, the mean of its first kShiftRows rows: sums of d = x - K and d^2, in float over a tile of
+// kTileRows rows, then added in double.  mean = K + sum(d) / n, m2 = sum(d^2) - sum(d)^2 / n.
+// This loses at most a factor 1 / (1 - kShiftTol) of relative accuracy against an exact
+// two-pass as long as sum(d)^2 <= kShiftTol * n * sum(d^2) (K within one standard deviation of
+// the mean for kShiftTol = 1/2), which is checked for every channel.  A block that fails is
+// redone around the mean just computed (accurate, so this passes for finite data), and if that
+// fails too or the data is not finite, chunk by chunk with the exact method: a two-pass per tile
+// (the tile's mean, then deviations from it, from L1/L2) merged with Chan's update.  So there is
+// no E[x^2] - E[x]^2 cancellation, whatever the data; for typical (i.i.d.) batches x is read
+// once plus its first kShiftRows rows.
+// Outputs per channel: mean, m2 (sum of squared deviations) and the plain sum (which decides the
+// non-finite rule, see finish_stats).
+#ifndef BNR_SHIFT_ROWS
+#define BNR_SHIFT_ROWS 16
+#endif
+constexpr int64_t kShiftRows = BNR_SHIFT_ROWS;
+constexpr double kShiftTol = 0.5;
 
-// Non-finite data (Inf/NaN): the mean is the plain sum / count and the variance NaN, as torch
-// computes them (e.g. a channel holding +Inf has mean +Inf, not the NaN the Chan update gives).
-inline void finish_channel(double chan_mean, double chan_m2, double plain_sum, double count, double& mean,
-                           double& m2) {
-  if (std::isfinite(plain_sum)) {
-    mean = chan_mean;
-    m2 = chan_m2;
-  } else {
-    mean = plain_sum / count;
-    m2 = std::numeric_limits<double>::quiet_NaN();
-  }
-}
-
-template <typename T>
-void stats_rows(const T* x, int64_t M, int64_t C, std::vector<double>& mean_out, std::vector<double>& m2_out) {
+// Exact statistics of one column chunk over rows [r_begin, r_end): two-pass per tile, tiles merged
+// with Chan's update (in double, vectorized across the chunk's channels).  Also the plain sum.
+template <typename T, int K, bool TAIL>
+void stats_chunk_exact(const T* __restrict x, int64_t C, int64_t r_begin, int64_t r_end, int64_t c, int64_t nl,
+                       double* __restrict am, double* __restrict a2, double* __restrict as) {
   using IO = VecIO<T>;
   using acc_t = typename IO::acc_t;
   using V = typename IO::V;
   constexpr int64_t W = IO::W;
-  const int64_t ntiles = (M + kTileRows - 1) / kTileRows;
-  const int64_t nrt = std::min<int64_t>(ntiles, kMaxRowTasks);
-  const int64_t tiles_per_task = (ntiles + nrt - 1) / nrt;
-  const int64_t ncb = (C + kColBlock - 1) / kColBlock;
-  std::vector<double> pn(nrt, 0.0), pmean(nrt * C, 0.0), pm2(nrt * C, 0.0), psum(nrt * C, 0.0);
-  const int64_t task_elems = tiles_per_task * kTileRows * std::min(C, kColBlock);
-  at::parallel_for(0, nrt * ncb, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, task_elems)),
-                   [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> s(kColBlock), q(kColBlock), e(kColBlock);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t rt = t / ncb, cb = t % ncb;
-      const int64_t c0 = cb * kColBlock, c1 = std::min(C, c0 + kColBlock), nc = c1 - c0;
-      const int64_t r_begin = std::min(M, rt * tiles_per_task * kTileRows);
-      const int64_t r_end = std::min(M, r_begin + tiles_per_task * kTileRows);
-      double n_acc = 0;
-      double* am = &pmean[rt * C + c0];
-      double* a2 = &pm2[rt * C + c0];
-      double* as = &psum[rt * C + c0];
-      for (int64_t r0 = r_begin; r0 < r_end; r0 += kTileRows) {
-        const int64_t r1 = std::min(r_end, r0 + kTileRows);
-        const acc_t inv_cnt = acc_t(1) / acc_t(r1 - r0);
-        // pass 1: tile sums
-        int64_t c = 0;
-        for (; c + W <= nc; c += W) {
-          V acc = IO::load(x + r0 * C + c0 + c);
-          for (int64_t r = r0 + 1; r < r1; ++r) acc = acc + IO::load(x + r * C + c0 + c);
-          (acc * V(inv_cnt)).store(&s[c]);
-        }
-        if (c < nc) {
-          V acc = IO::load(x + r0 * C + c0 + c, nc - c);
-          for (int64_t r = r0 + 1; r < r1; ++r) acc = acc + IO::load(x + r * C + c0 + c, nc - c);
-          (acc * V(inv_cnt)).store(&s[c], nc - c);
-        }
-        // pass 2 (from cache): squared deviations from the tile mean (+ their sum, a correction term)
-        c = 0;
-        for (; c + W <= nc; c += W) {
-          const V m = V::loadu(&s[c]);
-          V sq(0), sd(0);
-          for (int64_t r = r0; r < r1; ++r) {
-            const V d = IO::load(x + r * C + c0 + c) - m;
-            sd = sd + d;
-            sq = at::vec::fmadd(d, d, sq);
-          }
-          sq.store(&q[c]);
-          sd.store(&e[c]);
-        }
-        if (c < nc) {
-          const V m = V::loadu(&s[c], nc - c);
-          V sq(0), sd(0);
-          for (int64_t r = r0; r < r1; ++r) {
-            const V d = IO::load(x + r * C + c0 + c, nc - c) - m;
-            sd = sd + d;
-            sq = at::vec::fmadd(d, d, sq);
-          }
-          sq.store(&q[c], nc - c);
-          sd.store(&e[c], nc - c);
-        }
-        const double cnt = double(r1 - r0);
-        for (int64_t j = 0; j < nc; ++j) {
-          double na = n_acc;
-          const double corr = double(e[j]);
-          const double tm = double(s[j]) + corr / cnt;
-          const double t2 = std::max(0.0, double(q[j]) - corr * corr / cnt);
-          bnr::chan_merge(na, am[j], a2[j], cnt, tm, t2);
-          as[j] += double(s[j]) * cnt;
-        }
-        n_acc += cnt;
+  const int64_t n = TAIL ? nl : K * W;
+  double n_acc = 0;
+  for (int64_t r0 = r_begin; r0 < r_end; r0 += kTileRows) {
+    const int64_t cnt = std::min(r_end, r0 + kTileRows) - r0;
+    const T* __restrict p0 = x + r0 * C + c;
+    V sum[K], m[K], sd[K], sq[K];
+    for (int k = 0; k < K; ++k) sum[k] = IO::template ld<TAIL>(p0 + k * W, nl);
+    for (int64_t r = 1; r < cnt; ++r)
+      for (int k = 0; k < K; ++k) sum[k] = sum[k] + IO::template ld<TAIL>(p0 + r * C + k * W, nl);
+    const V inv_cnt(acc_t(1) / acc_t(cnt));
+    for (int k = 0; k < K; ++k) {
+      m[k] = sum[k] * inv_cnt;
+      sd[k] = V(0);
+      sq[k] = V(0);
+    }
+    for (int64_t r = 0; r < cnt; ++r)
+      for (int k = 0; k < K; ++k) {
+        const V d = IO::template ld<TAIL>(p0 + r * C + k * W, nl) - m[k];
+        sd[k] = sd[k] + d;
+        sq[k] = at::vec::fmadd(d, d, sq[k]);
       }
-      if (cb == 0) pn[rt] = n_acc;
+    alignas(64) acc_t bs[K * W], bm[K * W], bd[K * W], bq[K * W];
+    for (int k = 0; k < K; ++k) {
+      sum[k].store(bs + k * W);
+      m[k].store(bm + k * W);
+      sd[k].store(bd + k * W);
+      sq[k].store(bq + k * W);
     }
-  });
-  // fixed-order merge of the row tasks
-  mean_out.assign(C, 0.0);
-  m2_out.assign(C, 0.0);
-  for (int64_t c = 0; c < C; ++c) {
-    double n = 0, m = 0, q2 = 0;
-    double sum = 0;
-    for (int64_t rt = 0; rt < nrt; ++rt) {
-      bnr::chan_merge(n, m, q2, pn[rt], pmean[rt * C + c], pm2[rt * C + c]);
-      sum += psum[rt * C + c];
+    const double cntd = double(cnt), inv = 1.0 / cntd;
+    const double f = cntd / (n_acc + cntd), nf = n_acc * f;
+    for (int64_t j = 0; j < n; ++j) {
+      const double corr = double(bd[j]);
+      const double tm = double(bm[j]) + corr * inv;
+      const double t2 = std::max(0.0, double(bq[j]) - corr * corr * inv);
+      if (n_acc == 0) {
+        am[j] = tm;
+        a2[j] = t2;
+        as[j] = double(bs[j]);
+      } else {
+        const double delta = tm - am[j];
+        am[j] = am[j] + delta * f;
+        a2[j] = a2[j] + (t2 + delta * delta * nf);
+        as[j] = as[j] + double(bs[j]);
+      }
     }
-    finish_channel(m, q2, sum, double(M), mean_out[c], m2_out[c]);
+    n_acc += cntd;
   }
 }
 
+// out[0, c1 - c0) = sum over rows [ra, rb) of the block's columns (float), in sweeps of kSweepRows rows.
 template <typename T>
-void stats_planar(const T* x, int64_t N, int64_t C, int64_t S, std::vector<double>& mean_out,
-                  std::vector<double>& m2_out) {
+void block_colsum(const T* __restrict x, int64_t C, int64_t ra, int64_t rb, int64_t c0, int64_t c1,
+                  typename VecIO<T>::acc_t* __restrict out) {
+  using IO = VecIO<T>;
+  using V = typename IO::V;
+  constexpr int64_t W = IO::W;
+  constexpr int KS = kVecRegs >= 32 ? 4 : 2;
+  for (int64_t rr = ra; rr < rb; rr += kSweepRows) {
+    const int64_t nr = std::min(rb, rr + kSweepRows) - rr;
+    const bool init = rr == ra;
+    for_chunks<KS>(c0, c1, W, [&](auto KC, auto TC, int64_t c, int64_t nl) {
+      constexpr int K = decltype(KC)::value;
+      constexpr bool TAIL = decltype(TC)::value;
+      auto* o = out + (c - c0);
+      V s[K];
+      for (int k = 0; k < K; ++k) s[k] = init ? V(0) : V::loadu(o + k * W);
+      const T* p = x + rr * C + c;
+      for (int64_t r = 0; r < nr; ++r, p += C)
+        for (int k = 0; k < K; ++k) s[k] = s[k] + IO::template ld<TAIL>(p + k * W, nl);
+      for (int k = 0; k < K; ++k) s[k].store(o + k * W);
+    });
+  }
+}
+
+// One pass over rows [r_begin, r_end) of the block around shift ks[0, nc): gd = sum(x - K),
+// gq = sum((x - K)^2), float per tile, double across tiles.  True when every channel passes the
+// shift check.
+template <typename T>
+bool block_shifted(const T* __restrict x, int64_t C, int64_t r_begin, int64_t r_end, int64_t c0, int64_t c1,
+                   const typename VecIO<T>::acc_t* __restrict ks, double* __restrict gd, double* __restrict gq) {
   using IO = VecIO<T>;
   using acc_t = typename IO::acc_t;
   using V = typename IO::V;
   constexpr int64_t W = IO::W;
-  // a tile = g consecutive (n, c) segments of one channel (about 2K values)
+  constexpr int KS = kVecRegs >= 32 ? 4 : 2;
+  const int64_t nc = c1 - c0;
+  alignas(64) acc_t fd[kMaxWidth], fq[kMaxWidth];
+  const V one(1);
+  for (int64_t t0 = r_begin; t0 < r_end; t0 += kTileRows) {
+    const int64_t t1 = std::min(r_end, t0 + kTileRows);
+    for (int64_t rr = t0; rr < t1; rr += kSweepRows) {
+      const int64_t nr = std::min(t1, rr + kSweepRows) - rr;
+      const bool init = rr == t0;
+      for_chunks<KS>(c0, c1, W, [&](auto KC, auto TC, int64_t c, int64_t nl) {
+        constexpr int K = decltype(KC)::value;
+        constexpr bool TAIL = decltype(TC)::value;
+        const int64_t j = c - c0;
+        V m[K], nk[K], sd[K], sq[K];
+        for (int k = 0; k < K; ++k) {
+          m[k] = IO::template ldp<TAIL>(ks + j + k * W, nl);
+          nk[k] = V(0) - m[k];
+          sd[k] = init ? V(0) : V::loadu(fd + j + k * W);
+          sq[k] = init ? V(0) : V::loadu(fq + j + k * W);
+        }
+        const T* p = x + rr * C + c;
+        for (int64_t r = 0; r < nr; ++r, p += C) {
+          for (int k = 0; k < K; ++k) {
+            // half of the subtractions as fma(x, 1, -K) (the same result): balances the add and fma ports
+            const V xv = IO::template ld<TAIL>(p + k * W, nl);
+            const V d = (k & 1) ? at::vec::fmadd(xv, one, nk[k]) : xv - m[k];
+            sd[k] = sd[k] + d;
+            sq[k] = at::vec::fmadd(d, d, sq[k]);
+          }
+        }
+        for (int k = 0; k < K; ++k) {
+          sd[k].store(fd + j + k * W);
+          sq[k].store(fq + j + k * W);
+        }
+      });
+    }
+    if (t0 == r_begin) {
+      for (int64_t j = 0; j < nc; ++j) {
+        gd[j] = double(fd[j]);
+        gq[j] = double(fq[j]);
+      }
+    } else {
+      for (int64_t j = 0; j < nc; ++j) {
+        gd[j] += double(fd[j]);
+        gq[j] += double(fq[j]);
+      }
+    }
+  }
+  const double lim = kShiftTol * double(r_end - r_begin);
+  bool ok = true;
+  for (int64_t j = 0; j < nc; ++j) ok &= (gd[j] * gd[j] <= lim * gq[j]) & (gq[j] <= std::numeric_limits<double>::max());
+  return ok;
+}
+
+// Statistics of rows [r_begin, r_end) x columns [c0, c1); outputs indexed by channel.
+template <typename T>
+void stats_rows_task(const T* __restrict x, int64_t C, int64_t r_begin, int64_t r_end, int64_t c0, int64_t c1,
+                     double* __restrict am, double* __restrict a2, double* __restrict as) {
+  using IO = VecIO<T>;
+  using acc_t = typename IO::acc_t;
+  constexpr int64_t W = IO::W;
+  constexpr int KS = kVecRegs >= 32 ? 4 : 2;
+  const int64_t nc = c1 - c0, rows = r_end - r_begin;
+  const double nd = double(rows), inv_n = 1.0 / nd;
+  alignas(64) acc_t ks[kMaxWidth];
+  alignas(64) double gd[kMaxWidth], gq[kMaxWidth];
+  const int64_t kr = std::min(rows, kShiftRows);
+  block_colsum<T>(x, C, r_begin, r_begin + kr, c0, c1, ks);
+  const acc_t inv_kr = acc_t(1) / acc_t(kr);
+  for (int64_t j = 0; j < nc; ++j) ks[j] *= inv_kr;
+  bool ok = block_shifted<T>(x, C, r_begin, r_end, c0, c1, ks, gd, gq);
+  if (!ok) {
+    // again around the mean just found, if finite
+    bool fin = true;
+    for (int64_t j = 0; j < nc; ++j) {
+      const double m = double(ks[j]) + gd[j] * inv_n;
+      fin &= std::abs(m) <= double(std::numeric_limits<acc_t>::max());
+      ks[j] = static_cast<acc_t>(m);
+    }
+    if (fin) ok = block_shifted<T>(x, C, r_begin, r_end, c0, c1, ks, gd, gq);
+  }
+  if (ok) {
+    for (int64_t j = 0; j < nc; ++j) {
+      const double e = gd[j];
+      am[c0 + j] = double(ks[j]) + e * inv_n;
+      a2[c0 + j] = std::max(0.0, gq[j] - e * e * inv_n);
+      as[c0 + j] = double(ks[j]) * nd + e;
+    }
+  } else {
+    for_chunks<KS>(c0, c1, W, [&](auto KC, auto TC, int64_t c, int64_t nl) {
+      stats_chunk_exact<T, decltype(KC)::value, decltype(TC)::value>(x, C, r_begin, r_end, c, nl, am + c, a2 + c,
+                                                                      as + c);
+    });
+  }
+}
+
+// Fixed-order merge of the row groups' (mean, m2, plain sum) (group g at offset g * C) into group 0.
+void merge_groups(const RowsPlan& P, double* pmean, double* pm2, double* psum) {
+  const int64_t C = P.C;
+  double* __restrict m0 = pmean;
+  double* __restrict q0 = pm2;
+  double* __restrict s0 = psum;
+  double n = double(P.r1(0) - P.r0(0));
+  for (int64_t g = 1; g < P.ngroups; ++g) {
+    const int64_t t = g * P.ncb;
+    const double nb = double(P.r1(t) - P.r0(t));
+    const double f = nb / (n + nb), nf = n * f;
+    const double* __restrict gm = pmean + g * C;
+    const double* __restrict g2 = pm2 + g * C;
+    const double* __restrict gs = psum + g * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const double delta = gm[c] - m0[c];
+      m0[c] = m0[c] + delta * f;
+      q0[c] = q0[c] + (g2[c] + delta * delta * nf);
+      s0[c] += gs[c];
+    }
+    n += nb;
+  }
+}
+
+// Planar layout: a task is (channel, group of n); a tile = g consecutive (n, c) segments of one
+// channel (about 2K values), two-pass per tile, tiles merged with Chan's update.
+template <typename T>
+void stats_planar(const T* x, int64_t N, int64_t C, int64_t S, double* mean_out, double* m2_out, double* sum_out) {
+  using IO = VecIO<T>;
+  using acc_t = typename IO::acc_t;
+  using V = typename IO::V;
+  constexpr int64_t W = IO::W;
   const int64_t g = std::max<int64_t>(1, std::min<int64_t>(N, 2048 / S));
   const int64_t ntiles = (N + g - 1) / g;
   const int64_t nng = std::min<int64_t>(ntiles, std::max<int64_t>(1, 32 / C));
   const int64_t tiles_per_task = (ntiles + nng - 1) / nng;
-  std::vector<double> pn(nng * C, 0.0), pmean(nng * C, 0.0), pm2(nng * C, 0.0), psum(nng * C, 0.0);
-  const int64_t task_elems = tiles_per_task * g * S;
-  at::parallel_for(0, nng * C, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, task_elems)),
-                   [&](int64_t t0, int64_t t1) {
+  std::unique_ptr<double[]> ws(new double[4 * nng * C]);
+  double* pn = ws.get();
+  double* pmean = pn + nng * C;
+  double* pm2 = pmean + nng * C;
+  double* psum = pm2 + nng * C;
+  run_tasks(nng * C, N * C * S, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c = t / nng, ng = t % nng;
       const int64_t n_begin = std::min(N, ng * tiles_per_task * g), n_end = std::min(N, n_begin + tiles_per_task * g);
@@ -328,8 +633,6 @@ void stats_planar(const T* x, int64_t N, int64_t C, int64_t S, std::vector<doubl
       psum[ng * C + c] = sa;
     }
   });
-  mean_out.assign(C, 0.0);
-  m2_out.assign(C, 0.0);
   for (int64_t c = 0; c < C; ++c) {
     double n = 0, m = 0, q2 = 0;
     double sum = 0;
@@ -337,105 +640,167 @@ void stats_planar(const T* x, int64_t N, int64_t C, int64_t S, std::vector<doubl
       bnr::chan_merge(n, m, q2, pn[ng * C + c], pmean[ng * C + c], pm2[ng * C + c]);
       sum += psum[ng * C + c];
     }
-    finish_channel(m, q2, sum, double(N * S), mean_out[c], m2_out[c]);
+    mean_out[c] = m;
+    m2_out[c] = q2;
+    sum_out[c] = sum;
   }
 }
 
 // ------------------------------------------------------------------ y = relu(x * scale + shift)
+// Rows [rb, re) x columns [c0, c1) of the rows layout.  Plain value parameters: nothing the stores
+// could alias.
 template <typename T>
-void normalize_relu(const T* x, T* y, const Shape& sh, const typename VecIO<T>::acc_t* scale,
-                    const typename VecIO<T>::acc_t* shift) {
+void normalize_block(const T* __restrict x, T* __restrict y, int64_t C, int64_t rb, int64_t re, int64_t c0,
+                     int64_t c1, const typename VecIO<T>::acc_t* __restrict scale,
+                     const typename VecIO<T>::acc_t* __restrict shift) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   constexpr int64_t W = IO::W;
-  const V zero(0);
-  if (sh.layout == Layout::Rows) {
-    const int64_t M = sh.M(), C = sh.C;
-    at::parallel_for(0, M, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, C)), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* px = x + r * C;
-        T* py = y + r * C;
-        int64_t c = 0;
-        for (; c + W <= C; c += W) {
-          const V pre = at::vec::fmadd(IO::load(px + c), V::loadu(scale + c), V::loadu(shift + c));
-          IO::store(py + c, at::vec::maximum(pre, zero));
-        }
-        if (c < C) {
-          const int64_t n = C - c;
-          const V pre = at::vec::fmadd(IO::load(px + c, n), V::loadu(scale + c, n), V::loadu(shift + c, n));
-          IO::store(py + c, at::vec::maximum(pre, zero), n);
-        }
+  constexpr int KN = kVecRegs >= 32 ? 4 : 2;
+  for (int64_t r0 = rb; r0 < re; r0 += kEwRows) {
+    const int64_t nr = std::min(re, r0 + kEwRows) - r0;
+    for_chunks<KN>(c0, c1, W, [&](auto KC, auto TC, int64_t c, int64_t nl) {
+      constexpr int K = decltype(KC)::value;
+      constexpr bool TAIL = decltype(TC)::value;
+      V sc[K], sf[K];
+      for (int k = 0; k < K; ++k) {
+        sc[k] = IO::template ldp<TAIL>(scale + c + k * W, nl);
+        sf[k] = IO::template ldp<TAIL>(shift + c + k * W, nl);
       }
-    });
-  } else {
-    const int64_t C = sh.C, S = sh.S;
-    at::parallel_for(0, sh.N * C, std::max<int64_t>(1, kGrainElems / S), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t c = i % C;
-        const V sc(scale[c]), sf(shift[c]);
-        const T* px = x + i * S;
-        T* py = y + i * S;
-        int64_t s = 0;
-        for (; s + W <= S; s += W) IO::store(py + s, at::vec::maximum(at::vec::fmadd(IO::load(px + s), sc, sf), zero));
-        if (s < S)
-          IO::store(py + s, at::vec::maximum(at::vec::fmadd(IO::load(px + s, S - s), sc, sf), zero), S - s);
-      }
+      const T* px = x + r0 * C + c;
+      T* py = y + r0 * C + c;
+      for (int64_t r = 0; r < nr; ++r, px += C, py += C)
+        for (int k = 0; k < K; ++k)
+          IO::template st<TAIL>(py + k * W, relu_v(at::vec::fmadd(IO::template ld<TAIL>(px + k * W, nl), sc[k], sf[k])),
+                                nl);
     });
   }
 }
 
+// Segments [i0, i1) of the planar layout.
 template <typename T>
-void fwd_impl(const at::Tensor& x, at::Tensor& y, const Shape& sh, const std::optional<at::Tensor>& running_mean,
+void normalize_planar(const T* __restrict x, T* __restrict y, int64_t C, int64_t S, int64_t i0, int64_t i1,
+                      const typename VecIO<T>::acc_t* __restrict scale,
+                      const typename VecIO<T>::acc_t* __restrict shift) {
+  using IO = VecIO<T>;
+  using V = typename IO::V;
+  constexpr int64_t W = IO::W;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t c = i % C;
+    const V sc(scale[c]), sf(shift[c]);
+    const T* px = x + i * S;
+    T* py = y + i * S;
+    int64_t s = 0;
+    for (; s + W <= S; s += W) IO::store(py + s, relu_v(at::vec::fmadd(IO::load(px + s), sc, sf)));
+    if (s < S) IO::store(py + s, relu_v(at::vec::fmadd(IO::load(px + s, S - s), sc, sf)), S - s);
+  }
+}
+
+// ------------------------------------------------------------------ forward
+template <typename T>
+void fwd_impl(const at::Tensor& xt, at::Tensor& yt, const Shape& sh, const std::optional<at::Tensor>& running_mean,
               const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
               const std::optional<at::Tensor>& bias, bool training, double momentum, double eps,
               at::Tensor& save_mean, at::Tensor& save_invstd) {
   using acc_t = at::opmath_type<T>;
-  const int64_t C = sh.C, M = sh.M();
-  std::vector<acc_t> mean(C), invstd(C);
-  if (training) {
-    std::vector<double> dmean, dm2;
-    if (M == 0) {
-      dmean.assign(C, std::numeric_limits<double>::quiet_NaN());
-      dm2.assign(C, std::numeric_limits<double>::quiet_NaN());
-    } else if (sh.layout == Layout::Rows) {
-      stats_rows<T>(x.const_data_ptr<T>(), M, C, dmean, dm2);
-    } else {
-      stats_planar<T>(x.const_data_ptr<T>(), sh.N, C, sh.S, dmean, dm2);
-    }
-    const double Md = double(M);
-    for (int64_t c = 0; c < C; ++c) {
-      const double var = dm2[c] / Md;
-      mean[c] = static_cast<acc_t>(dmean[c]);
-      invstd[c] = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
-    }
-    if (running_mean.has_value() && running_mean->defined()) {
-      std::vector<double> rm, rv;
-      read_param<double>(running_mean, C, 0.0, rm);
-      read_param<double>(running_var, C, 1.0, rv);
-      for (int64_t c = 0; c < C; ++c) {
-        rm[c] = bnr::running_update(rm[c], dmean[c], momentum);
-        rv[c] = bnr::running_update(rv[c], dm2[c] / (Md - 1.0), momentum);
+  const int64_t C = sh.C, M = sh.M(), S = sh.S;
+  const T* x = xt.const_data_ptr<T>();
+  T* y = yt.mutable_data_ptr<T>();
+  const bool rows = sh.layout == Layout::Rows;
+  const RowsPlan P(M, C, int64_t(sizeof(T)));
+  const int64_t ng = rows && training ? P.ngroups : 1;
+  // workspace: doubles pmean, pm2, psum (ng * C each), dvar; then acc_t w, b, scale, shift
+  std::unique_ptr<double[]> ws(new double[(3 * ng + 1) * C + 4 * C]);
+  double* pmean = ws.get();
+  double* pm2 = pmean + ng * C;
+  double* psum = pm2 + ng * C;
+  double* dvar = psum + ng * C;
+  acc_t* w = reinterpret_cast<acc_t*>(dvar + C);
+  acc_t* b = w + C;
+  acc_t* scale = b + C;
+  acc_t* shift = scale + C;
+  acc_t* mean = save_mean.mutable_data_ptr<acc_t>();
+  acc_t* invstd = save_invstd.mutable_data_ptr<acc_t>();
+  read_param<acc_t>(weight, 0, C, acc_t(1), w);
+  read_param<acc_t>(bias, 0, C, acc_t(0), b);
+  const bool update = training && has(running_mean);
+  const double Md = double(M);
+  // Channels [c0, c1): from (pmean, pm2, psum) -- or the running stats in evaluation -- to
+  // save_mean / save_invstd, the running-stat update and the folded scale / shift.
+  auto finish = [&](int64_t c0, int64_t c1) {
+    if (training) {
+      // non-finite data (Inf/NaN): the mean is the plain sum / count and the variance NaN, as torch
+      // computes them (e.g. a channel holding +Inf has mean +Inf, not the NaN of the Chan update)
+      for (int64_t c = c0; c < c1; ++c) {
+        const bool fin = std::isfinite(psum[c]);
+        pmean[c] = fin ? pmean[c] : psum[c] / Md;
+        pm2[c] = fin ? pm2[c] : std::numeric_limits<double>::quiet_NaN();
+        dvar[c] = pm2[c] / Md;  // biased variance
       }
-      at::Tensor trm = *running_mean, trv = *running_var;
-      write_param(trm, rm);
-      write_param(trv, rv);
+    } else {
+      read_param<double>(running_mean, c0, c1, 0.0, pmean);
+      read_param<double>(running_var, c0, c1, 1.0, dvar);
     }
-  } else {
-    std::vector<double> rm, rv;
-    read_param<double>(running_mean, C, 0.0, rm);
-    read_param<double>(running_var, C, 1.0, rv);
-    for (int64_t c = 0; c < C; ++c) {
-      mean[c] = static_cast<acc_t>(rm[c]);
-      invstd[c] = static_cast<acc_t>(1.0 / std::sqrt(rv[c] + eps));
+    invstd_from_var(dvar + c0, eps, dvar + c0, c1 - c0);
+    for (int64_t c = c0; c < c1; ++c) {
+      mean[c] = static_cast<acc_t>(pmean[c]);
+      invstd[c] = static_cast<acc_t>(dvar[c]);
+      bnr::fold(mean[c], invstd[c], w[c], b[c], scale[c], shift[c]);
     }
+    if (update) {
+      // running_mean <- (1 - momentum) * running_mean + momentum * mean (in double), same for the
+      // unbiased variance; dvar / psum are free now
+      double* rm = dvar;
+      read_param<double>(running_mean, c0, c1, 0.0, rm);
+      for (int64_t c = c0; c < c1; ++c) rm[c] = bnr::running_update(rm[c], pmean[c], momentum);
+      write_param(*running_mean, c0, c1, rm);
+      double* rv = psum;
+      read_param<double>(running_var, c0, c1, 1.0, rv);
+      const double inv_M1 = 1.0 / (Md - 1.0);
+      for (int64_t c = c0; c < c1; ++c) rv[c] = bnr::running_update(rv[c], pm2[c] * inv_M1, momentum);
+      write_param(*running_var, c0, c1, rv);
+    }
+  };
+  if (!training || M == 0) {
+    if (training) {  // no data: NaN statistics
+      std::fill(pmean, pmean + C, std::numeric_limits<double>::quiet_NaN());
+      std::fill(pm2, pm2 + C, std::numeric_limits<double>::quiet_NaN());
+      std::fill(psum, psum + C, 0.0);
+    }
+    finish(0, C);
+    if (M == 0) return;
+    if (rows) run_rows(M, C, [=](int64_t r0, int64_t r1) { normalize_block<T>(x, y, C, r0, r1, 0, C, scale, shift); });
+    else run_rows(sh.N * C, S, [=](int64_t i0, int64_t i1) { normalize_planar<T>(x, y, C, S, i0, i1, scale, shift); });
+    return;
   }
-  std::vector<acc_t> w, b, scale(C), shift(C);
-  read_param<acc_t>(weight, C, acc_t(1), w);
-  read_param<acc_t>(bias, C, acc_t(0), b);
-  for (int64_t c = 0; c < C; ++c) bnr::fold(mean[c], invstd[c], w[c], b[c], scale[c], shift[c]);
-  std::copy(mean.begin(), mean.end(), save_mean.data_ptr<acc_t>());
-  std::copy(invstd.begin(), invstd.end(), save_invstd.data_ptr<acc_t>());
-  if (x.numel() > 0) normalize_relu<T>(x.const_data_ptr<T>(), y.data_ptr<T>(), sh, scale.data(), shift.data());
+  if (!rows) {
+    stats_planar<T>(x, sh.N, C, S, pmean, pm2, psum);
+    finish(0, C);
+    run_rows(sh.N * C, S, [=](int64_t i0, int64_t i1) { normalize_planar<T>(x, y, C, S, i0, i1, scale, shift); });
+    return;
+  }
+  if (P.fused()) {
+    run_tasks(P.ntasks(), M * C, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t c0 = P.c0(t), c1 = P.c1(t);
+        stats_rows_task<T>(x, C, 0, M, c0, c1, pmean, pm2, psum);
+        finish(c0, c1);
+        normalize_block<T>(x, y, C, 0, M, c0, c1, scale, shift);
+      }
+    });
+  } else {
+    run_tasks(P.ntasks(), M * C, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t g = P.group(t);
+        stats_rows_task<T>(x, C, P.r0(t), P.r1(t), P.c0(t), P.c1(t), pmean + g * C, pm2 + g * C, psum + g * C);
+      }
+    });
+    merge_groups(P, pmean, pm2, psum);
+    finish(0, C);
+    run_tasks(P.ntasks(), M * C, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) normalize_block<T>(x, y, C, P.r0(t), P.r1(t), P.c0(t), P.c1(t), scale, shift);
+    });
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_fwd_cpu(
@@ -458,208 +823,290 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_fwd_cpu(
 }
 
 // ------------------------------------------------------------------ backward
-// Per-channel sums of g and g * (x - mean), with g = dy where the ReLU is open.
+// Per-channel sums of g and g * (x - mean), with g = dy where the ReLU is open (the mask
+// recomputed from x with the forward's fma); then dx = k1 * g + k3 * (x - mean) + k2.
+// Rows layout: the same partition scheme as the forward (fused per column block when possible).
+
+// Sums over rows [r_begin, r_end) x columns [c0, c1), outputs indexed by channel: sweeps of
+// kSweepRows rows over the block (each row read sequentially), float partial sums kept in L1
+// between sweeps, added in double once per tile.
 template <typename T>
-void bwd_sums(const T* dy, const T* x, const Shape& sh, const typename VecIO<T>::acc_t* mean,
-              const typename VecIO<T>::acc_t* scale, const typename VecIO<T>::acc_t* shift,
-              std::vector<double>& sg, std::vector<double>& sgd) {
+void bwd_sums_task(const T* __restrict dy, const T* __restrict x, int64_t C, int64_t r_begin, int64_t r_end,
+                   int64_t c0, int64_t c1, const typename VecIO<T>::acc_t* __restrict mean,
+                   const typename VecIO<T>::acc_t* __restrict scale, const typename VecIO<T>::acc_t* __restrict shift,
+                   double* __restrict p1, double* __restrict p2) {
   using IO = VecIO<T>;
   using acc_t = typename IO::acc_t;
   using V = typename IO::V;
   constexpr int64_t W = IO::W;
-  const V zero(0);
-  const int64_t C = sh.C;
-  sg.assign(C, 0.0);
-  sgd.assign(C, 0.0);
-  if (sh.layout == Layout::Rows) {
-    const int64_t M = sh.M();
-    const int64_t ntiles = (M + kTileRows - 1) / kTileRows;
-    const int64_t nrt = std::min<int64_t>(ntiles, kMaxRowTasks);
-    const int64_t tiles_per_task = (ntiles + nrt - 1) / nrt;
-    const int64_t ncb = (C + kColBlock - 1) / kColBlock;
-    std::vector<double> p1(nrt * C, 0.0), p2(nrt * C, 0.0);
-    const int64_t task_elems = tiles_per_task * kTileRows * std::min(C, kColBlock);
-    at::parallel_for(0, nrt * ncb, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, task_elems)),
-                     [&](int64_t t0, int64_t t1) {
-      std::vector<acc_t> a1(kColBlock), a2(kColBlock);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t rt = t / ncb, cb = t % ncb;
-        const int64_t c0 = cb * kColBlock, c1 = std::min(C, c0 + kColBlock), nc = c1 - c0;
-        const int64_t r_begin = std::min(M, rt * tiles_per_task * kTileRows);
-        const int64_t r_end = std::min(M, r_begin + tiles_per_task * kTileRows);
-        for (int64_t r0 = r_begin; r0 < r_end; r0 += kTileRows) {
-          const int64_t r1 = std::min(r_end, r0 + kTileRows);
-          for (int64_t c = 0; c < nc; c += W) {
-            const int64_t n = std::min(W, nc - c);
-            const int64_t cc = c0 + c;
-            const V mv = V::loadu(mean + cc, n), sc = V::loadu(scale + cc, n), sf = V::loadu(shift + cc, n);
-            V s1(0), s2(0);
-            for (int64_t r = r0; r < r1; ++r) {
-              const V xv = n == W ? IO::load(x + r * C + cc) : IO::load(x + r * C + cc, n);
-              const V gv = n == W ? IO::load(dy + r * C + cc) : IO::load(dy + r * C + cc, n);
-              const V g = V::blendv(gv, zero, at::vec::fmadd(xv, sc, sf) <= zero);
-              s1 = s1 + g;
-              s2 = at::vec::fmadd(g, xv - mv, s2);
-            }
-            s1.store(&a1[c], n);
-            s2.store(&a2[c], n);
-          }
-          for (int64_t j = 0; j < nc; ++j) {
-            p1[rt * C + c0 + j] += double(a1[j]);
-            p2[rt * C + c0 + j] += double(a2[j]);
+  constexpr int KB = kVecRegs >= 32 ? 2 : 1;
+  const int64_t nc = c1 - c0;
+  alignas(64) acc_t f1[kMaxWidth], f2[kMaxWidth];
+  for (int64_t t0 = r_begin; t0 < r_end; t0 += kTileRows) {
+    const int64_t t1 = std::min(r_end, t0 + kTileRows);
+    for (int64_t rr = t0; rr < t1; rr += kSweepRows) {
+      const int64_t nr = std::min(t1, rr + kSweepRows) - rr;
+      const bool init = rr == t0;
+      for_chunks<KB>(c0, c1, W, [&](auto KC, auto TC, int64_t c, int64_t nl) {
+        constexpr int K = decltype(KC)::value;
+        constexpr bool TAIL = decltype(TC)::value;
+        const int64_t j = c - c0;
+        V mv[K], sc[K], sf[K], s1[K], s2[K];
+        for (int k = 0; k < K; ++k) {
+          mv[k] = IO::template ldp<TAIL>(mean + c + k * W, nl);
+          sc[k] = IO::template ldp<TAIL>(scale + c + k * W, nl);
+          sf[k] = IO::template ldp<TAIL>(shift + c + k * W, nl);
+          s1[k] = init ? V(0) : V::loadu(f1 + j + k * W);
+          s2[k] = init ? V(0) : V::loadu(f2 + j + k * W);
+        }
+        const T* px = x + rr * C + c;
+        const T* pg = dy + rr * C + c;
+        for (int64_t r = 0; r < nr; ++r, px += C, pg += C) {
+          for (int k = 0; k < K; ++k) {
+            const V xv = IO::template ld<TAIL>(px + k * W, nl);
+            const V g = gate_v(at::vec::fmadd(xv, sc[k], sf[k]), IO::template ld<TAIL>(pg + k * W, nl));
+            s1[k] = s1[k] + g;
+            s2[k] = at::vec::fmadd(g, xv - mv[k], s2[k]);
           }
         }
-      }
-    });
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t rt = 0; rt < nrt; ++rt) {
-        sg[c] += p1[rt * C + c];
-        sgd[c] += p2[rt * C + c];
-      }
-  } else {
-    const int64_t N = sh.N, S = sh.S;
-    const int64_t g = std::max<int64_t>(1, std::min<int64_t>(N, 2048 / S));
-    const int64_t ntiles = (N + g - 1) / g;
-    const int64_t nng = std::min<int64_t>(ntiles, std::max<int64_t>(1, 32 / C));
-    const int64_t tiles_per_task = (ntiles + nng - 1) / nng;
-    std::vector<double> p1(nng * C, 0.0), p2(nng * C, 0.0);
-    const int64_t task_elems = tiles_per_task * g * S;
-    at::parallel_for(0, nng * C, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, task_elems)),
-                     [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t c = t / nng, ng = t % nng;
-        const int64_t n_begin = std::min(N, ng * tiles_per_task * g), n_end = std::min(N, n_begin + tiles_per_task * g);
-        const V mv(mean[c]), sc(scale[c]), sf(shift[c]);
-        double d1 = 0, d2 = 0;
-        for (int64_t n0 = n_begin; n0 < n_end; n0 += g) {
-          const int64_t n1 = std::min(n_end, n0 + g);
-          V s1(0), s2(0);
-          acc_t t1s = 0, t2s = 0;
-          for (int64_t n = n0; n < n1; ++n) {
-            const T* px = x + (n * C + c) * S;
-            const T* pg = dy + (n * C + c) * S;
-            int64_t s = 0;
-            for (; s + W <= S; s += W) {
-              const V xv = IO::load(px + s);
-              const V g = V::blendv(IO::load(pg + s), zero, at::vec::fmadd(xv, sc, sf) <= zero);
-              s1 = s1 + g;
-              s2 = at::vec::fmadd(g, xv - mv, s2);
-            }
-            for (; s < S; ++s) {
-              const acc_t xs = static_cast<acc_t>(px[s]);
-              const acc_t pre = std::fma(xs, scale[c], shift[c]);
-              const acc_t gs = bnr::relu_passes(pre) ? static_cast<acc_t>(pg[s]) : acc_t(0);
-              t1s += gs;
-              t2s = std::fma(gs, xs - mean[c], t2s);
-            }
-          }
-          d1 += double(at::vec::vec_reduce_all<acc_t>([](V a, V b) { return a + b; }, s1)) + double(t1s);
-          d2 += double(at::vec::vec_reduce_all<acc_t>([](V a, V b) { return a + b; }, s2)) + double(t2s);
+        for (int k = 0; k < K; ++k) {
+          s1[k].store(f1 + j + k * W);
+          s2[k].store(f2 + j + k * W);
         }
-        p1[ng * C + c] = d1;
-        p2[ng * C + c] = d2;
+      });
+    }
+    double* __restrict q1 = p1 + c0;
+    double* __restrict q2 = p2 + c0;
+    if (t0 == r_begin) {
+      for (int64_t j = 0; j < nc; ++j) {
+        q1[j] = double(f1[j]);
+        q2[j] = double(f2[j]);
       }
-    });
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t ng = 0; ng < nng; ++ng) {
-        sg[c] += p1[ng * C + c];
-        sgd[c] += p2[ng * C + c];
+    } else {
+      for (int64_t j = 0; j < nc; ++j) {
+        q1[j] += double(f1[j]);
+        q2[j] += double(f2[j]);
       }
+    }
   }
 }
 
-// dx = k1 * g + k3 * (x - mean) + k2, g = dy gated by the ReLU.
+// Planar layout: a task is (channel, group of n).
 template <typename T>
-void bwd_dx(const T* dy, const T* x, T* dx, const Shape& sh, const typename VecIO<T>::acc_t* mean,
-            const typename VecIO<T>::acc_t* scale, const typename VecIO<T>::acc_t* shift,
-            const typename VecIO<T>::acc_t* k1, const typename VecIO<T>::acc_t* k2,
-            const typename VecIO<T>::acc_t* k3) {
+void bwd_sums_planar(const T* dy, const T* x, int64_t N, int64_t C, int64_t S, const typename VecIO<T>::acc_t* mean,
+                     const typename VecIO<T>::acc_t* scale, const typename VecIO<T>::acc_t* shift, double* sg,
+                     double* sgd) {
+  using IO = VecIO<T>;
+  using acc_t = typename IO::acc_t;
+  using V = typename IO::V;
+  constexpr int64_t W = IO::W;
+  const int64_t g = std::max<int64_t>(1, std::min<int64_t>(N, 2048 / S));
+  const int64_t ntiles = (N + g - 1) / g;
+  const int64_t nng = std::min<int64_t>(ntiles, std::max<int64_t>(1, 32 / C));
+  const int64_t tiles_per_task = (ntiles + nng - 1) / nng;
+  std::unique_ptr<double[]> ws(new double[2 * nng * C]);
+  double* p1 = ws.get();
+  double* p2 = p1 + nng * C;
+  run_tasks(nng * C, N * C * S, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t c = t / nng, ng = t % nng;
+      const int64_t n_begin = std::min(N, ng * tiles_per_task * g), n_end = std::min(N, n_begin + tiles_per_task * g);
+      const acc_t mc = mean[c], scc = scale[c], sfc = shift[c];
+      const V mv(mc), sc(scc), sf(sfc);
+      double d1 = 0, d2 = 0;
+      for (int64_t n0 = n_begin; n0 < n_end; n0 += g) {
+        const int64_t n1 = std::min(n_end, n0 + g);
+        V s1(0), s2(0);
+        acc_t t1s = 0, t2s = 0;
+        for (int64_t n = n0; n < n1; ++n) {
+          const T* px = x + (n * C + c) * S;
+          const T* pg = dy + (n * C + c) * S;
+          int64_t s = 0;
+          for (; s + W <= S; s += W) {
+            const V xv = IO::load(px + s);
+            const V gv = gate_v(at::vec::fmadd(xv, sc, sf), IO::load(pg + s));
+            s1 = s1 + gv;
+            s2 = at::vec::fmadd(gv, xv - mv, s2);
+          }
+          for (; s < S; ++s) {
+            const acc_t xs = static_cast<acc_t>(px[s]);
+            const acc_t pre = std::fma(xs, scc, sfc);
+            const acc_t gs = bnr::relu_passes(pre) ? static_cast<acc_t>(pg[s]) : acc_t(0);
+            t1s += gs;
+            t2s = std::fma(gs, xs - mc, t2s);
+          }
+        }
+        d1 += double(at::vec::vec_reduce_all<acc_t>([](V a, V b) { return a + b; }, s1)) + double(t1s);
+        d2 += double(at::vec::vec_reduce_all<acc_t>([](V a, V b) { return a + b; }, s2)) + double(t2s);
+      }
+      p1[ng * C + c] = d1;
+      p2[ng * C + c] = d2;
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double a = 0, b = 0;
+    for (int64_t ng = 0; ng < nng; ++ng) {
+      a += p1[ng * C + c];
+      b += p2[ng * C + c];
+    }
+    sg[c] = a;
+    sgd[c] = b;
+  }
+}
+
+template <typename V>
+inline V dx_one(const V& xv, const V& gv, const V& mv, const V& sc, const V& sf, const V& a1, const V& a2,
+                const V& a3) {
+  const V g = gate_v(at::vec::fmadd(xv, sc, sf), gv);
+  return at::vec::fmadd(g, a1, at::vec::fmadd(xv - mv, a3, a2));
+}
+
+template <typename T>
+void dx_block(const T* __restrict dy, const T* __restrict x, T* __restrict dx, int64_t C, int64_t rb, int64_t re,
+              int64_t c0, int64_t c1, const typename VecIO<T>::acc_t* __restrict mean,
+              const typename VecIO<T>::acc_t* __restrict scale, const typename VecIO<T>::acc_t* __restrict shift,
+              const typename VecIO<T>::acc_t* __restrict k1, const typename VecIO<T>::acc_t* __restrict k2,
+              const typename VecIO<T>::acc_t* __restrict k3) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   constexpr int64_t W = IO::W;
-  const V zero(0);
-  auto one = [&](const V& xv, const V& gv, const V& mv, const V& sc, const V& sf, const V& a1, const V& a2,
-                 const V& a3) {
-    const V g = V::blendv(gv, zero, at::vec::fmadd(xv, sc, sf) <= zero);
-    return at::vec::fmadd(g, a1, at::vec::fmadd(xv - mv, a3, a2));
-  };
-  if (sh.layout == Layout::Rows) {
-    const int64_t M = sh.M(), C = sh.C;
-    at::parallel_for(0, M, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, C)), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* px = x + r * C;
-        const T* pg = dy + r * C;
-        T* pd = dx + r * C;
-        int64_t c = 0;
-        for (; c + W <= C; c += W)
-          IO::store(pd + c, one(IO::load(px + c), IO::load(pg + c), V::loadu(mean + c), V::loadu(scale + c),
-                                V::loadu(shift + c), V::loadu(k1 + c), V::loadu(k2 + c), V::loadu(k3 + c)));
-        if (c < C) {
-          const int64_t n = C - c;
-          IO::store(pd + c, one(IO::load(px + c, n), IO::load(pg + c, n), V::loadu(mean + c, n),
-                                V::loadu(scale + c, n), V::loadu(shift + c, n), V::loadu(k1 + c, n),
-                                V::loadu(k2 + c, n), V::loadu(k3 + c, n)), n);
-        }
+  constexpr int KD = kVecRegs >= 32 ? 2 : 1;
+  for (int64_t r0 = rb; r0 < re; r0 += kEwRows) {
+    const int64_t nr = std::min(re, r0 + kEwRows) - r0;
+    for_chunks<KD>(c0, c1, W, [&](auto KC, auto TC, int64_t c, int64_t nl) {
+      constexpr int K = decltype(KC)::value;
+      constexpr bool TAIL = decltype(TC)::value;
+      V mv[K], sc[K], sf[K], a1[K], a2[K], a3[K];
+      for (int k = 0; k < K; ++k) {
+        mv[k] = IO::template ldp<TAIL>(mean + c + k * W, nl);
+        sc[k] = IO::template ldp<TAIL>(scale + c + k * W, nl);
+        sf[k] = IO::template ldp<TAIL>(shift + c + k * W, nl);
+        a1[k] = IO::template ldp<TAIL>(k1 + c + k * W, nl);
+        a2[k] = IO::template ldp<TAIL>(k2 + c + k * W, nl);
+        a3[k] = IO::template ldp<TAIL>(k3 + c + k * W, nl);
       }
-    });
-  } else {
-    const int64_t C = sh.C, S = sh.S;
-    at::parallel_for(0, sh.N * C, std::max<int64_t>(1, kGrainElems / S), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t c = i % C;
-        const V mv(mean[c]), sc(scale[c]), sf(shift[c]), a1(k1[c]), a2(k2[c]), a3(k3[c]);
-        const T* px = x + i * S;
-        const T* pg = dy + i * S;
-        T* pd = dx + i * S;
-        int64_t s = 0;
-        for (; s + W <= S; s += W) IO::store(pd + s, one(IO::load(px + s), IO::load(pg + s), mv, sc, sf, a1, a2, a3));
-        if (s < S)
-          IO::store(pd + s, one(IO::load(px + s, S - s), IO::load(pg + s, S - s), mv, sc, sf, a1, a2, a3), S - s);
-      }
+      const T* px = x + r0 * C + c;
+      const T* pg = dy + r0 * C + c;
+      T* pd = dx + r0 * C + c;
+      for (int64_t r = 0; r < nr; ++r, px += C, pg += C, pd += C)
+        for (int k = 0; k < K; ++k)
+          IO::template st<TAIL>(pd + k * W,
+                                dx_one(IO::template ld<TAIL>(px + k * W, nl), IO::template ld<TAIL>(pg + k * W, nl),
+                                       mv[k], sc[k], sf[k], a1[k], a2[k], a3[k]),
+                                nl);
     });
   }
 }
 
 template <typename T>
-void bwd_impl(const at::Tensor& dy, const at::Tensor& x, at::Tensor& dx, const Shape& sh,
+void dx_planar(const T* __restrict dy, const T* __restrict x, T* __restrict dx, int64_t C, int64_t S, int64_t i0,
+               int64_t i1, const typename VecIO<T>::acc_t* __restrict mean,
+               const typename VecIO<T>::acc_t* __restrict scale, const typename VecIO<T>::acc_t* __restrict shift,
+               const typename VecIO<T>::acc_t* __restrict k1, const typename VecIO<T>::acc_t* __restrict k2,
+               const typename VecIO<T>::acc_t* __restrict k3) {
+  using IO = VecIO<T>;
+  using V = typename IO::V;
+  constexpr int64_t W = IO::W;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t c = i % C;
+    const V mv(mean[c]), sc(scale[c]), sf(shift[c]), a1(k1[c]), a2(k2[c]), a3(k3[c]);
+    const T* px = x + i * S;
+    const T* pg = dy + i * S;
+    T* pd = dx + i * S;
+    int64_t s = 0;
+    for (; s + W <= S; s += W) IO::store(pd + s, dx_one(IO::load(px + s), IO::load(pg + s), mv, sc, sf, a1, a2, a3));
+    if (s < S)
+      IO::store(pd + s, dx_one(IO::load(px + s, S - s), IO::load(pg + s, S - s), mv, sc, sf, a1, a2, a3), S - s);
+  }
+}
+
+template <typename T>
+void bwd_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt, const Shape& sh,
               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
               const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, at::Tensor& gw,
               at::Tensor& gb) {
   using acc_t = at::opmath_type<T>;
-  const int64_t C = sh.C, M = sh.M();
-  std::vector<acc_t> mean, invstd, w, b, scale(C), shift(C), k1(C), k2(C), k3(C);
-  read_param<acc_t>(save_mean, C, acc_t(0), mean);
-  read_param<acc_t>(save_invstd, C, acc_t(1), invstd);
-  read_param<acc_t>(weight, C, acc_t(1), w);
-  read_param<acc_t>(bias, C, acc_t(0), b);
+  const int64_t C = sh.C, M = sh.M(), S = sh.S;
+  const T* x = xt.const_data_ptr<T>();
+  const T* dy = dyt.const_data_ptr<T>();
+  T* dx = M > 0 ? dxt.mutable_data_ptr<T>() : nullptr;
+  const bool rows = sh.layout == Layout::Rows;
+  const RowsPlan P(M, C, 2 * int64_t(sizeof(T)));
+  const int64_t ng = rows ? P.ngroups : 1;
+  // workspace: doubles p1 (sum g), p2 (sum g (x - mean)) (ng * C each), dw; then acc_t mean,
+  // invstd, w, b, scale, shift, k1, k2, k3
+  std::unique_ptr<double[]> ws(new double[(2 * ng + 1) * C + 9 * C]);
+  double* p1 = ws.get();
+  double* p2 = p1 + ng * C;
+  double* dw = p2 + ng * C;
+  acc_t* mean = reinterpret_cast<acc_t*>(dw + C);
+  acc_t* invstd = mean + C;
+  acc_t* w = invstd + C;
+  acc_t* b = w + C;
+  acc_t* scale = b + C;
+  acc_t* shift = scale + C;
+  acc_t* k1 = shift + C;
+  acc_t* k2 = k1 + C;
+  acc_t* k3 = k2 + C;
+  read_param<acc_t>(save_mean, 0, C, acc_t(0), mean);
+  read_param<acc_t>(save_invstd, 0, C, acc_t(1), invstd);
+  read_param<acc_t>(weight, 0, C, acc_t(1), w);
+  read_param<acc_t>(bias, 0, C, acc_t(0), b);
   for (int64_t c = 0; c < C; ++c) bnr::fold(mean[c], invstd[c], w[c], b[c], scale[c], shift[c]);
-  std::vector<double> sg, sgd;
-  if (M > 0) {
-    bwd_sums<T>(dy.const_data_ptr<T>(), x.const_data_ptr<T>(), sh, mean.data(), scale.data(), shift.data(), sg, sgd);
-  } else {
-    sg.assign(C, 0.0);
-    sgd.assign(C, 0.0);
-  }
-  std::vector<double> dw(C), db(C);
-  for (int64_t c = 0; c < C; ++c) {
-    const double is = double(invstd[c]);
-    dw[c] = sgd[c] * is;
-    db[c] = sg[c];
-    const double a = double(w[c]) * is;
-    k1[c] = static_cast<acc_t>(a);
-    if (training) {
-      k2[c] = static_cast<acc_t>(-a * sg[c] / double(M));
-      k3[c] = static_cast<acc_t>(-a * is * is * sgd[c] / double(M));
-    } else {
-      k2[c] = 0;
-      k3[c] = 0;
+  const double inv_M = 1.0 / double(M);
+  // channels [c0, c1): dw = sum(g (x - mean)) * invstd (double; db = sum(g) is p1), dx coefficients
+  auto coef = [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const double is = double(invstd[c]);
+      dw[c] = p2[c] * is;
+      const double a = double(w[c]) * is;
+      k1[c] = static_cast<acc_t>(a);
+      k2[c] = training ? static_cast<acc_t>(-a * p1[c] * inv_M) : acc_t(0);
+      k3[c] = training ? static_cast<acc_t>(-a * is * is * p2[c] * inv_M) : acc_t(0);
     }
+  };
+  if (M == 0) {
+    std::fill(p1, p1 + C, 0.0);
+    std::fill(p2, p2 + C, 0.0);
+    coef(0, C);
+  } else if (!rows) {
+    bwd_sums_planar<T>(dy, x, sh.N, C, S, mean, scale, shift, p1, p2);
+    coef(0, C);
+    run_rows(sh.N * C, S, [=](int64_t i0, int64_t i1) {
+      dx_planar<T>(dy, x, dx, C, S, i0, i1, mean, scale, shift, k1, k2, k3);
+    });
+  } else if (P.fused()) {
+    run_tasks(P.ntasks(), M * C, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t c0 = P.c0(t), c1 = P.c1(t);
+        bwd_sums_task<T>(dy, x, C, 0, M, c0, c1, mean, scale, shift, p1, p2);
+        coef(c0, c1);
+        dx_block<T>(dy, x, dx, C, 0, M, c0, c1, mean, scale, shift, k1, k2, k3);
+      }
+    });
+  } else {
+    run_tasks(P.ntasks(), M * C, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t g = P.group(t);
+        bwd_sums_task<T>(dy, x, C, P.r0(t), P.r1(t), P.c0(t), P.c1(t), mean, scale, shift, p1 + g * C, p2 + g * C);
+      }
+    });
+    for (int64_t g = 1; g < P.ngroups; ++g) {  // fixed order
+      const double* __restrict q1 = p1 + g * C;
+      const double* __restrict q2 = p2 + g * C;
+      for (int64_t c = 0; c < C; ++c) {
+        p1[c] += q1[c];
+        p2[c] += q2[c];
+      }
+    }
+    coef(0, C);
+    run_tasks(P.ntasks(), M * C, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        dx_block<T>(dy, x, dx, C, P.r0(t), P.r1(t), P.c0(t), P.c1(t), mean, scale, shift, k1, k2, k3);
+    });
   }
-  write_param(gw, dw);
-  write_param(gb, db);
-  if (M > 0)
-    bwd_dx<T>(dy.const_data_ptr<T>(), x.const_data_ptr<T>(), dx.data_ptr<T>(), sh, mean.data(), scale.data(),
-              shift.data(), k1.data(), k2.data(), k3.data());
+  write_param(gw, 0, C, dw);
+  write_param(gb, 0, C, p1);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& input,
