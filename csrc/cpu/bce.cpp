@@ -37,9 +37,10 @@
 #include <immintrin.h>
 #endif
 
-#if defined(__AVX512F__)
+// The float policies use GCC/Clang vector operators on __m256/__m512 (other compilers: portable path).
+#if defined(__GNUC__) && defined(__AVX512F__)
 #define GANKERN_BCE_F32 F32x16
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#elif defined(__GNUC__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define GANKERN_BCE_F32 F32x8
 #endif
 
@@ -182,7 +183,7 @@ inline typename O::V sigmoid(typename O::V x) {
 }
 }  // namespace f32
 
-#if defined(__AVX512F__)
+#if defined(GANKERN_BCE_F32) && defined(__AVX512F__)
 #if defined(__GNUC__) && !defined(__clang__)
 // GCC 12's unmasked AVX-512 wrappers (_mm512_min_ps, _mm512_scalef_ps, ...) pass
 // _mm512_undefined_ps() (`__m512 __Y = __Y;`) and trip -W(maybe-)uninitialized once inlined
