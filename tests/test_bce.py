@@ -198,9 +198,10 @@ def test_nan_inf_as_torch(backend, dtype):
 
 
 # The logits of the dense sweep below: every exp / log1p / sigmoid regime (|x| small, exp(-|x|)
-# denormal for |x| in (87.3, 103.9), 0 beyond), and the extremes.
+# below FLT_MIN for |x| > 87.3365, denormal up to 103.9, 0 beyond), and the extremes.
 _SWEEP_EXTREMES = [float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, 1.2e-38,
-                   -1.2e-38, 1e-30, -1e-30, 1e30, -1e30, 87.3, -87.3, 88.8, -88.8, 103.9, -103.9, 104.5, -104.5]
+                   -1.2e-38, 1e-30, -1e-30, 1e30, -1e30, 87.3365, -87.3365, 87.3366, -87.3366, 88.8, -88.8, 103.9,
+                   -103.9, 104.5, -104.5]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -3,9 +3,10 @@
 // One pass over the elements per direction, one vector of W elements at a time (fp16/bf16 are
 // widened to float in registers and rounded back to nearest-even on store).  The math runs in
 // float (double for fp64 inputs) through a small vector policy:
-//   - F32x16 (AVX-512F) / F32x8 (AVX2+FMA+F16C): our own float exp and log1p (below), a few ulp
-//     over the whole range, ~3x cheaper than SLEEF's u10 versions: the forward and the backward
-//     are then close to memory-bound instead of compute-bound;
+//   - F32x16 (AVX-512F) / F32x8 (AVX2+FMA+F16C): our own float exp, log1p and sigmoid (below),
+//     <= 2 ulp where the result is a normal float; with SLEEF's u10 exp + log1p the fp32 forward
+//     was compute-bound at ~6x the cost of these (Zen 4, 2^24 logits); now the backward runs at
+//     the speed of a memory-bound elementwise op and the forward at ~2x that of reading x;
 //   - AtenVec: at::vec::Vectorized with SLEEF exp/log1p, for fp64 and for float on machines
 //     without AVX2 (portable path).
 // Work is cut into fixed chunks of bce::kChunk elements; for reductions each chunk yields one
@@ -36,9 +37,10 @@
 #include <immintrin.h>
 #endif
 
-#if defined(__AVX512F__)
+// The float policies use GCC/Clang vector operators on __m256/__m512 (other compilers: portable path).
+#if defined(__GNUC__) && defined(__AVX512F__)
 #define GANKERN_BCE_F32 F32x16
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#elif defined(__GNUC__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define GANKERN_BCE_F32 F32x8
 #endif
 
@@ -115,25 +117,28 @@ struct AtenVec {
 };
 
 // The float math of the SIMD policies, written once over their primitives (GCC/Clang vector
-// operators on __m256/__m512 plus fmadd/fnmadd/max/round/ldexp/select_neg/abs).
+// operators on __m256/__m512 plus fmadd/fnmadd/max/round/ldexp_or_zero/select_neg/abs).
 namespace f32 {
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2Hi = 0.693359375f;     // 9 significant bits: n * kLn2Hi is exact for |n| < 2^15
 constexpr float kLn2Lo = -2.12194440e-4f;  // ln 2 - kLn2Hi
-constexpr float kExpMin = -104.0f;         // exp(-104) < 2^-150: rounds to 0 in float
+constexpr float kExpMin = -87.33654f;      // ln(2^-126): exp(y) >= FLT_MIN above it
 
 // exp(y) for y <= 0 (or NaN): n = round(y / ln 2), r = y - n ln 2 (Cody-Waite, two parts, |r| <=
 // ln2 / 2), exp(r) = 1 + r + r^2 P(r) with P a degree-4 near-minimax fit (approximation error
-// < 0.06 ulp), times 2^n.  ldexp rounds once, so denormal results (y in [-103.9, -87.3]) are
-// correctly rounded and y < -103.9 (-inf included) gives 0.  y is clamped to kExpMin first so
-// that n stays finite; max(kExpMin, NaN) is NaN (x86 max returns its second operand when one
-// is NaN), and a NaN flows through every step.
+// < 0.06 ulp), times 2^n.  Results below FLT_MIN (y < kExpMin = ln 2^-126 = -87.3365) are
+// flushed to 0, -inf included: an absolute error < 1.2e-38, and no denormal ever enters the
+// arithmetic (denormal results take a slow path: measured 2-3x on the whole kernel on Zen 4 for
+// logits in the affected ranges; the SLEEF path had it for |x| in (87, 104)).  y is clamped to kExpMin first so that n stays in
+// [-126, 0]; max(kExpMin, NaN) is NaN (x86 max returns its second operand when one is NaN), a NaN
+// flows through every step, and the final flush keeps it (NaN < kExpMin is false).
 template <class O>
 inline typename O::V exp_nonpos(typename O::V y) {
   using V = typename O::V;
-  y = O::max(O::set1(kExpMin), y);
-  const V n = O::round(y * O::set1(kLog2e));
-  V r = O::fnmadd(n, O::set1(kLn2Hi), y);
+  const V lo = O::set1(kExpMin);
+  const V yc = O::max(lo, y);
+  const V n = O::round(yc * O::set1(kLog2e));
+  V r = O::fnmadd(n, O::set1(kLn2Hi), yc);
   r = O::fnmadd(n, O::set1(kLn2Lo), r);
   V p = O::set1(1.381445560e-03f);
   p = O::fmadd(p, r, O::set1(8.368785493e-03f));
@@ -141,23 +146,26 @@ inline typename O::V exp_nonpos(typename O::V y) {
   p = O::fmadd(p, r, O::set1(1.666651964e-01f));
   p = O::fmadd(p, r, O::set1(4.999999404e-01f));
   p = O::fmadd(p, r * r, r) + O::set1(1.0f);
-  return O::ldexp(p, n);
+  return O::ldexp_or_zero(p, n, y, lo);  // y < kExpMin: 0
 }
 
-// log1p(u) for u in [0, 1] (or NaN): log1p(u) = 2 atanh(s), s = u / (2 + u) in [0, 1/3] (no
-// rounding of 1 + u, so small u keep their relative accuracy), 2 atanh(s) = 2s + 2s z Q(z),
-// z = s^2 <= 1/9, Q a degree-3 near-minimax fit of (atanh(s)/s - 1)/z (error < 0.1 ulp; the
-// Taylor series needs two more terms for a comparable error).
+// log1p(u) for u = 0, u in [FLT_MIN, 1], or NaN: log1p(u) = 2 atanh(s), s = u / (2 + u) in
+// [0, 1/3] (no rounding of 1 + u, so small u keep their relative accuracy), 2 atanh(s) =
+// 2s + 2s z Q(z), z = s^2 <= 1/9, Q a degree-3 near-minimax fit of (atanh(s)/s - 1)/z (error
+// < 0.1 ulp; the Taylor series needs two more terms for a comparable error).  Below 2s = 2^-40
+// the cubic term is < 2^-80 relative: z is computed from max(2s, 2^-40) (else it underflows to a
+// denormal: the slow path again), and 2s + 2s (z Q) is one FMA whose result is normal.
 template <class O>
 inline typename O::V log1p_01(typename O::V u) {
   using V = typename O::V;
   const V s2 = (u + u) / (u + O::set1(2.0f));  // 2s
-  const V z = s2 * s2;                         // 4 s^2: the coefficients below are Q's times 4^-(k+1)
+  const V b = O::max(O::set1(0x1p-40f), s2);   // NaN stays NaN
+  const V z = b * b;                           // 4 s^2: the coefficients below are Q's times 4^-(k+1)
   V q = O::set1(1.401222944e-01f / 256);
   q = O::fmadd(q, z, O::set1(1.399957091e-01f / 64));
   q = O::fmadd(q, z, O::set1(2.001084983e-01f / 16));
   q = O::fmadd(q, z, O::set1(3.333320618e-01f / 4));
-  return O::fmadd(s2 * z, q, s2);
+  return O::fmadd(s2, z * q, s2);
 }
 
 template <class O>
@@ -165,7 +173,8 @@ inline typename O::V log1p_exp_negabs(typename O::V x) {
   return log1p_01<O>(exp_nonpos<O>(O::neg(O::abs(x))));
 }
 
-// sigmoid(x) = 1 / (1 + e) for x >= 0, e / (1 + e) for x < 0, e = exp(-|x|) (no overflow).
+// sigmoid(x) = 1 / (1 + e) for x >= 0, e / (1 + e) for x < 0, e = exp(-|x|) (no overflow; 0 for
+// x < -87.3, as torch's float sigmoid).
 template <class O>
 inline typename O::V sigmoid(typename O::V x) {
   using V = typename O::V;
@@ -174,7 +183,7 @@ inline typename O::V sigmoid(typename O::V x) {
 }
 }  // namespace f32
 
-#if defined(__AVX512F__)
+#if defined(GANKERN_BCE_F32) && defined(__AVX512F__)
 #if defined(__GNUC__) && !defined(__clang__)
 // GCC 12's unmasked AVX-512 wrappers (_mm512_min_ps, _mm512_scalef_ps, ...) pass
 // _mm512_undefined_ps() (`__m512 __Y = __Y;`) and trip -W(maybe-)uninitialized once inlined
@@ -215,7 +224,8 @@ struct F32x16 {
   static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
   static V round(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  static V ldexp(V p, V n) { return _mm512_scalef_ps(p, n); }  // p * 2^n, one rounding
+  // y < lo (ordered: not for NaN) ? 0 : p * 2^n
+  static V ldexp_or_zero(V p, V n, V y, V lo) { return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(y, lo, _CMP_NLT_UQ), p, n); }
   static V select_neg(V x, V a, V b) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), b, a);
   }
@@ -263,18 +273,14 @@ struct F32x8 {
   static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
   static V round(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  static V ldexp(V p, V n) {
-    // p * 2^n for integral n in [-150, 0] (NaN: p is NaN too): two exact powers of two 2^(n/2),
-    // each a normal float, so only the last product rounds (correct denormals, like scalef).
-    const __m256i ni = _mm256_cvtps_epi32(n);
-    const __m256i n1 = _mm256_srai_epi32(ni, 1);
-    const __m256i n2 = _mm256_sub_epi32(ni, n1);
-    const __m256i bias = _mm256_set1_epi32(127);
-    const V s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
-    const V s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
-    return (p * s1) * s2;
+  // y < lo (ordered: not for NaN) ? 0 : p * 2^n, for integral n in [-126, 0] (2^n is a normal
+  // float; NaN: p is NaN too).
+  static V ldexp_or_zero(V p, V n, V y, V lo) {
+    const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    return _mm256_andnot_ps(_mm256_cmp_ps(y, lo, _CMP_LT_OQ), p * _mm256_castsi256_ps(_mm256_slli_epi32(e, 23)));
   }
   static V select_neg(V x, V a, V b) { return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ)); }
+
   static void lanes(V v, float* out) { _mm256_storeu_ps(out, v); }
   static V log1p_exp_negabs(V x) { return f32::log1p_exp_negabs<F32x8>(x); }
   static V sigmoid(V x) { return f32::sigmoid<F32x8>(x); }
