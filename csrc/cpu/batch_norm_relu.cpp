@@ -813,6 +813,36 @@ void normalize_planar(const T* __restrict x, T* __restrict y, int64_t C, int64_t
 }
 
 // ------------------------------------------------------------------ forward
+// Non-finite data (Inf/NaN): the mean is the plain sum / count and the variance NaN, as torch
+// computes them (e.g. a channel holding +Inf has mean +Inf, not the NaN of the Chan update).
+// var = the biased variance.
+inline void finite_rule(double* __restrict mean, double* __restrict m2, const double* __restrict sum,
+                        double* __restrict var, int64_t n, double inv_M) {
+  for (int64_t j = 0; j < n; ++j) {
+    const bool fin = std::isfinite(sum[j]);
+    mean[j] = fin ? mean[j] : sum[j] * inv_M;
+    m2[j] = fin ? m2[j] : std::numeric_limits<double>::quiet_NaN();
+    var[j] = m2[j] * inv_M;
+  }
+}
+
+template <typename acc_t>
+inline void fold_range(const double* __restrict dmean, const double* __restrict dinv, const acc_t* __restrict w,
+                       const acc_t* __restrict b, acc_t* __restrict mean, acc_t* __restrict invstd,
+                       acc_t* __restrict scale, acc_t* __restrict shift, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    mean[j] = static_cast<acc_t>(dmean[j]);
+    invstd[j] = static_cast<acc_t>(dinv[j]);
+    bnr::fold(mean[j], invstd[j], w[j], b[j], scale[j], shift[j]);
+  }
+}
+
+// running <- (1 - momentum) * running + momentum * stat * factor
+inline void running_range(double* __restrict running, const double* __restrict stat, double factor, double momentum,
+                          int64_t n) {
+  for (int64_t j = 0; j < n; ++j) running[j] = bnr::running_update(running[j], stat[j] * factor, momentum);
+}
+
 template <typename T>
 void fwd_impl(const at::Tensor& xt, at::Tensor& yt, const Shape& sh, const std::optional<at::Tensor>& running_mean,
               const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
@@ -843,38 +873,26 @@ void fwd_impl(const at::Tensor& xt, at::Tensor& yt, const Shape& sh, const std::
   const double Md = double(M);
   // Channels [c0, c1): from (pmean, pm2, psum) -- or the running stats in evaluation -- to
   // save_mean / save_invstd, the running-stat update and the folded scale / shift.
+  const double inv_M = 1.0 / Md, inv_M1 = 1.0 / (Md - 1.0);
   auto finish = [&](int64_t c0, int64_t c1) {
+    const int64_t n = c1 - c0;
     if (training) {
-      // non-finite data (Inf/NaN): the mean is the plain sum / count and the variance NaN, as torch
-      // computes them (e.g. a channel holding +Inf has mean +Inf, not the NaN of the Chan update)
-      for (int64_t c = c0; c < c1; ++c) {
-        const bool fin = std::isfinite(psum[c]);
-        pmean[c] = fin ? pmean[c] : psum[c] / Md;
-        pm2[c] = fin ? pm2[c] : std::numeric_limits<double>::quiet_NaN();
-        dvar[c] = pm2[c] / Md;  // biased variance
-      }
+      finite_rule(pmean + c0, pm2 + c0, psum + c0, dvar + c0, n, inv_M);
     } else {
       read_param<double>(running_mean, c0, c1, 0.0, pmean);
       read_param<double>(running_var, c0, c1, 1.0, dvar);
     }
-    invstd_from_var(dvar + c0, eps, dvar + c0, c1 - c0);
-    for (int64_t c = c0; c < c1; ++c) {
-      mean[c] = static_cast<acc_t>(pmean[c]);
-      invstd[c] = static_cast<acc_t>(dvar[c]);
-      bnr::fold(mean[c], invstd[c], w[c], b[c], scale[c], shift[c]);
-    }
+    invstd_from_var(dvar + c0, eps, dvar + c0, n);
+    fold_range<acc_t>(pmean + c0, dvar + c0, w + c0, b + c0, mean + c0, invstd + c0, scale + c0, shift + c0, n);
     if (update) {
       // running_mean <- (1 - momentum) * running_mean + momentum * mean (in double), same for the
       // unbiased variance; dvar / psum are free now
-      double* rm = dvar;
-      read_param<double>(running_mean, c0, c1, 0.0, rm);
-      for (int64_t c = c0; c < c1; ++c) rm[c] = bnr::running_update(rm[c], pmean[c], momentum);
-      write_param(*running_mean, c0, c1, rm);
-      double* rv = psum;
-      read_param<double>(running_var, c0, c1, 1.0, rv);
-      const double inv_M1 = 1.0 / (Md - 1.0);
-      for (int64_t c = c0; c < c1; ++c) rv[c] = bnr::running_update(rv[c], pm2[c] * inv_M1, momentum);
-      write_param(*running_var, c0, c1, rv);
+      read_param<double>(running_mean, c0, c1, 0.0, dvar);
+      running_range(dvar + c0, pmean + c0, 1.0, momentum, n);
+      write_param(*running_mean, c0, c1, dvar);
+      read_param<double>(running_var, c0, c1, 1.0, psum);
+      running_range(psum + c0, pm2 + c0, inv_M1, momentum, n);
+      write_param(*running_var, c0, c1, psum);
     }
   };
   if (!training || M == 0) {
@@ -1135,6 +1153,22 @@ void dx_planar(const T* __restrict dy, const T* __restrict x, T* __restrict dx, 
   }
 }
 
+// dw = sgd * invstd; dx = k1 * g + k3 * (x - mean) + k2 with k1 = w * invstd and, in training,
+// k2 = -k1 * sg / M, k3 = -k1 * invstd^2 * sgd / M (sg = sum(g), sgd = sum(g * (x - mean))).
+template <typename acc_t>
+inline void bwd_coef(const double* __restrict sg, const double* __restrict sgd, const acc_t* __restrict invstd,
+                     const acc_t* __restrict w, double* __restrict dw, acc_t* __restrict k1, acc_t* __restrict k2,
+                     acc_t* __restrict k3, int64_t n, bool training, double inv_M) {
+  for (int64_t j = 0; j < n; ++j) {
+    const double is = double(invstd[j]);
+    dw[j] = sgd[j] * is;
+    const double a = double(w[j]) * is;
+    k1[j] = static_cast<acc_t>(a);
+    k2[j] = training ? static_cast<acc_t>(-a * sg[j] * inv_M) : acc_t(0);
+    k3[j] = training ? static_cast<acc_t>(-a * is * is * sgd[j] * inv_M) : acc_t(0);
+  }
+}
+
 template <typename T>
 void bwd_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt, const Shape& sh,
               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
@@ -1171,14 +1205,8 @@ void bwd_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt, cons
   const double inv_M = 1.0 / double(M);
   // channels [c0, c1): dw = sum(g (x - mean)) * invstd (double; db = sum(g) is p1), dx coefficients
   auto coef = [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const double is = double(invstd[c]);
-      dw[c] = p2[c] * is;
-      const double a = double(w[c]) * is;
-      k1[c] = static_cast<acc_t>(a);
-      k2[c] = training ? static_cast<acc_t>(-a * p1[c] * inv_M) : acc_t(0);
-      k3[c] = training ? static_cast<acc_t>(-a * is * is * p2[c] * inv_M) : acc_t(0);
-    }
+    bwd_coef<acc_t>(p1 + c0, p2 + c0, invstd + c0, w + c0, dw + c0, k1 + c0, k2 + c0, k3 + c0, c1 - c0, training,
+                    inv_M);
   };
   if (M == 0) {
     std::fill(p1, p1 + C, 0.0);
