@@ -323,7 +323,13 @@ inline int64_t ew_rows(int64_t C, int64_t elem_bytes, bool cached) {
   return cached || C * elem_bytes >= 4096 ? kEwRows : 1;
 }
 constexpr int64_t kColGrain = 64;  // block widths are multiples of this
-constexpr int64_t kMaxWidth = 256;
+constexpr int64_t kMaxFusedWidth = 256;
+// Otherwise blocks are whole rows up to this many channels: the passes then stream through
+// memory (bands of a few hundred bytes of long rows revisit every DRAM page once per band).
+#ifndef BNR_MAX_WIDTH
+#define BNR_MAX_WIDTH 1024
+#endif
+constexpr int64_t kMaxWidth = BNR_MAX_WIDTH;
 constexpr int64_t kMinTasks = 8;
 constexpr int64_t kMinGroupRows = 256;
 constexpr int64_t kL2Budget = BNR_L2_BUDGET;  // bytes of input per column block (fused)
@@ -339,7 +345,7 @@ struct RowsPlan {
     const bool par = M * C >= kParMin;
     const int64_t w_tasks = round_up((C + kMinTasks - 1) / kMinTasks);
     const int64_t per_col = std::max<int64_t>(1, M * elem_bytes * arrays);  // bytes of a column of the block
-    width = std::max(kColGrain, std::min({kL2Budget / per_col / kColGrain * kColGrain, w_tasks, kMaxWidth}));
+    width = std::max(kColGrain, std::min({kL2Budget / per_col / kColGrain * kColGrain, w_tasks, kMaxFusedWidth}));
     ncb = (C + width - 1) / width;
     // Does the block stay in cache?  Rows r * row_bytes apart only fall on
     // kWaySpan / gcd(row_bytes, kWaySpan) distinct offsets of a cache way: with a power-of-two row
