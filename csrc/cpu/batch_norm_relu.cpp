@@ -253,10 +253,7 @@ void write_param(const at::Tensor& t, int64_t c0, int64_t c1, const src_t* __res
 
 // Below this many elements a pass stays on the calling thread (a parallel region costs a few us):
 // passes that reduce (or reduce then run the elementwise pass), and elementwise-only passes.
-#ifndef BNR_PAR_MIN
-#define BNR_PAR_MIN 32768
-#endif
-constexpr int64_t kParMin = BNR_PAR_MIN;
+constexpr int64_t kParMin = 32768;
 constexpr int64_t kParMinElementwise = 2 * kParMin;
 
 bool go_parallel(int64_t total_elems, int64_t threshold) {
@@ -294,45 +291,32 @@ void invstd_from_var(const double* var, double eps, double* out, int64_t n) {
 // ------------------------------------------------------------------ rows layout: partition
 // A function of the shape only (never of the thread count), so results are bitwise reproducible:
 // column blocks of `width` channels x row groups of whole tiles of kTileRows rows.
-//   fused (ngroups == 1): a task is one column block over all rows; it computes the block's
-//     statistics and then runs the elementwise pass over the same block, while its data is still
-//     in this core's L2 (the block width is chosen so that the block's data fits).  Channels are
-//     independent, so no other synchronization is needed.
-//   otherwise (few column blocks: small C and many rows): statistics per (group, block) task,
-//     groups merged in a fixed order, then the elementwise pass over the same tasks.
-#ifndef BNR_TILE_ROWS
-#define BNR_TILE_ROWS 64
-#endif
-#ifndef BNR_SWEEP_ROWS
-#define BNR_SWEEP_ROWS 8
-#endif
-#ifndef BNR_EW_ROWS
-#define BNR_EW_ROWS 4
-#endif
-#ifndef BNR_L2_BUDGET
-#define BNR_L2_BUDGET (384 * 1024)
-#endif
-constexpr int64_t kTileRows = BNR_TILE_ROWS;  // float partial sums over at most this many rows
-constexpr int64_t kSweepRows = BNR_SWEEP_ROWS;  // rows per sweep of a reduction over a column block
+//   fused: a task is one column block over all rows; it computes the block's statistics and
+//     then runs the elementwise pass over the same block, while its data is still in this core's
+//     L2 (chosen only when the block's data fits, see RowsPlan).  Channels are independent, so no
+//     other synchronization is needed.
+//   otherwise: blocks of whole rows (up to kMaxWidth channels), rows split in groups when that
+//     gives too few tasks; statistics per (group, block) task, groups merged in a fixed order,
+//     then the elementwise pass over the same tasks (at::parallel_for's static split gives every
+//     thread the same tasks in both passes).
+constexpr int64_t kTileRows = 64;  // float partial sums over at most this many rows
+constexpr int64_t kSweepRows = 8;  // rows per sweep of a reduction over a column block
 // Elementwise passes: rows of >= 4 KB (one page each) are processed kEwRows at a time with the
 // coefficients of a column chunk in registers; shorter rows one at a time (several rows of one page
 // interleaved defeat the hardware prefetchers), the coefficients then come from L1.
-constexpr int64_t kEwRows = BNR_EW_ROWS;
+constexpr int64_t kEwRows = 4;
 // (cached: the caller knows the data is in this core's cache, so the pass is bound by the core)
 inline int64_t ew_rows(int64_t C, int64_t elem_bytes, bool cached) {
   return cached || C * elem_bytes >= 4096 ? kEwRows : 1;
 }
 constexpr int64_t kColGrain = 64;  // block widths are multiples of this
 constexpr int64_t kMaxFusedWidth = 256;
-// Otherwise blocks are whole rows up to this many channels: the passes then stream through
-// memory (bands of a few hundred bytes of long rows revisit every DRAM page once per band).
-#ifndef BNR_MAX_WIDTH
-#define BNR_MAX_WIDTH 1024
-#endif
-constexpr int64_t kMaxWidth = BNR_MAX_WIDTH;
+// Not fused, blocks are whole rows up to this many channels: the passes then stream through memory
+// (bands of a few hundred bytes of long rows would revisit every DRAM page once per band).
+constexpr int64_t kMaxWidth = 1024;
 constexpr int64_t kMinTasks = 8;
 constexpr int64_t kMinGroupRows = 256;
-constexpr int64_t kL2Budget = BNR_L2_BUDGET;  // bytes of input per column block (fused)
+constexpr int64_t kL2Budget = 384 * 1024;  // bytes of input per column block (fused)
 constexpr int64_t kL2Bytes = 1024 * 1024;  // a typical L2 (this one: 1 MB, 8 ways)
 constexpr int64_t kWaySpan = kL2Bytes / 8;  // bytes of one way
 
@@ -386,11 +370,8 @@ struct RowsPlan {
 // no E[x^2] - E[x]^2 cancellation, whatever the data; for typical (i.i.d.) batches x is read
 // once plus its first kShiftRows rows.
 // Outputs per channel: mean, m2 (sum of squared deviations) and the plain sum (which decides the
-// non-finite rule, see finish_stats).
-#ifndef BNR_SHIFT_ROWS
-#define BNR_SHIFT_ROWS 16
-#endif
-constexpr int64_t kShiftRows = BNR_SHIFT_ROWS;
+// non-finite rule, see finite_rule).
+constexpr int64_t kShiftRows = 16;
 constexpr double kShiftTol = 0.5;
 
 // Exact statistics of one column chunk over rows [r_begin, r_end): two-pass per tile, tiles merged
