@@ -340,9 +340,83 @@ def test_nan_inf_like_torch(backend):
         assert_close(rv, rve, torch.float32, name="running_var")
 
 
+# The cpp statistics make one pass around a per-channel shift (the mean of the first rows), check
+# its accuracy per channel, redo the pass around the computed mean when the check fails (data whose
+# first rows are not representative) and fall back to an exact two-pass for non-finite data.  The
+# shapes cover the rows layout fused per column block (300 x 200), split in row groups (3000 x 70,
+# 20000 x 16), channels-last and planar.
+HARD_SHAPES = [((300, 200), "contig"), ((3000, 70), "contig"), ((20000, 16), "contig"), ((40, 24, 9, 9), "cl"),
+               ((64, 6, 7, 7), "contig")]
+
+
+def _hard_data(shape, fmt, kind, dtype):
+    C = shape[1]
+    view = (1, C) + (1,) * (len(shape) - 2)
+    offsets = (1e4 * (1 + torch.arange(C, dtype=torch.float64) / C)).view(view)
+    z = torch.randn(shape, dtype=torch.float64)
+    n_index = torch.arange(shape[0], dtype=torch.float64).view((-1,) + (1,) * (len(shape) - 1))
+    if kind == "sorted":  # the first rows hold the smallest values of every channel
+        z = z.flatten(2).sort(0).values.view(shape) if len(shape) > 2 else z.sort(0).values
+    elif kind == "step":  # the last third is shifted by 50 standard deviations
+        z = z + 50.0 * (n_index >= 2 * shape[0] // 3)
+    elif kind == "constant":
+        z = z * 0
+    x = (offsets + 1e-2 * z).to(dtype)
+    if fmt == "cl":
+        x = x.to(memory_format=torch.channels_last)
+    return x
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="compiled extension not built")
+@pytest.mark.parametrize("kind", ["iid", "sorted", "step", "constant"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,fmt", HARD_SHAPES)
+def test_cpp_statistics_hard_data(shape, fmt, kind, dtype):
+    x = _hard_data(shape, fmt, kind, dtype)
+    C = shape[1]
+    rm, rv = torch.zeros(C, dtype=dtype), torch.ones(C, dtype=dtype)
+    y = gankern.batch_norm_relu(x, rm, rv, None, None, True, 1.0, 1e-5, backend="cpp")
+    x64 = x.double()
+    dims = [0] + list(range(2, len(shape)))
+    # an exact two-pass in fp64 (torch.var's own fp64 result is off by up to ~1e-8 on the sorted data)
+    mean64 = x64.mean(dims)
+    var64 = ((x64 - mean64.view((1, C) + (1,) * (len(shape) - 2))) ** 2).sum(dims) / (x64.numel() // C - 1)
+    # fp32: the stored fp32 mean itself rounds at ~6e-8; fp64: x itself only holds the spread to ~1e-12 / 1e-2
+    rtol_m, rtol_v = (1e-7, 1e-4) if dtype == torch.float32 else (1e-14, 1e-8)
+    torch.testing.assert_close(rm.double(), mean64, rtol=rtol_m, atol=0)
+    torch.testing.assert_close(rv.double(), var64, rtol=rtol_v, atol=1e-18)  # constant channels: var 0
+    if dtype == torch.float64:
+        ye = F.relu(F.batch_norm(x64, None, None, training=True, eps=1e-5))
+        torch.testing.assert_close(y, ye, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="compiled extension not built")
+@pytest.mark.parametrize("shape,fmt", [((9, 4), "contig"), ((300, 200), "contig"), ((3000, 70), "contig"),
+                                       ((40, 24, 9, 9), "cl")])
+def test_cpp_nan_inf_rows_like_torch(shape, fmt):
+    """Inf / NaN in the first rows, the last rows, and several rows of a channel, rows layout."""
+    C, M = shape[1], shape[0]
+    x = torch.randn(shape)
+    x[0, 0] = float("inf")  # first row: the shift itself is infinite
+    x[M - 1, 1] = float("nan")
+    x[M // 2, 2] = -float("inf")
+    x[1, 3] = float("inf")
+    x[M - 1, 3] = -float("inf")  # +Inf and -Inf: NaN mean
+    if fmt == "cl":
+        x = x.to(memory_format=torch.channels_last)
+    for training in (True, False):
+        rm, rv = torch.zeros(C), torch.ones(C)
+        rme, rve = rm.double(), rv.double()
+        y = gankern.batch_norm_relu(x, rm, rv, None, None, training, backend="cpp")
+        ye = torch64(x.double(), rme, rve, None, None, training, 0.1, 1e-5)
+        assert_close(y, ye, torch.float32)
+        assert_close(rm, rme, torch.float32, name="running_mean")
+        assert_close(rv, rve, torch.float32, name="running_var")
+
+
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="compiled extension not built")
 @pytest.mark.parametrize("shape,fmt", [((1000, 300), "contig"), ((64, 32, 9, 9), "contig"), ((64, 32, 9, 9), "cl"),
-                                       ((4000, 3, 5), "contig")])
+                                       ((4000, 3, 5), "contig"), ((20000, 64), "contig")])
 def test_cpp_deterministic_any_thread_count(shape, fmt):
     x0 = make_input(shape, fmt, torch.float32)
     C = shape[1]

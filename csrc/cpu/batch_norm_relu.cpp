@@ -7,19 +7,17 @@
 //            vectorized along S.
 // Any other strides are made contiguous first (as torch does, the output is then contiguous).
 //
-// Forward (training): statistics read x once from memory.  Rows layout: the data is cut into
-// tiles of kTileRows rows; a tile is processed in column chunks of a few SIMD vectors, each
-// chunk reduced with an exact two-pass in registers (chunk mean, then squared deviations from
-// it -- the second read hits L1), then merged into per-channel double accumulators with Chan's
-// update, vectorized across channels (the tile's row count is the same for every channel, so
-// the merge weights are scalars).  Planar layout: the same two-pass per tile of whole (n, c)
-// segments of one channel.  Tiles are merged in a fixed order; the work partition depends only
-// on the shape, never on the thread count, so the result is bitwise reproducible.  Then one
-// pass y = max(fma(x, scale, shift), 0).
+// Forward (training): per-channel statistics, then y = max(fma(x, scale, shift), 0).  The
+// statistics are numerically safe (no E[x^2] - E[x]^2 cancellation): one pass around a per-channel
+// shift with an accuracy check, falling back to an exact two-pass per tile merged with Chan's
+// update (see "statistics" below).  Every reduction follows a partition that depends only on the
+// shape, never on the thread count, and is merged in a fixed order: results are bitwise
+// reproducible.
 // Backward: one pass for sum(g) and sum(g * (x - mean)) per channel (g = dy gated by the ReLU
 // mask, recomputed from x with the forward's fma), one elementwise pass for dx.
-// Elementwise passes (rows) keep the per-channel coefficients of a column chunk in registers
-// over a few rows.
+// Rows layout: when a column block's data fits in a core's L2, a task does both passes of a block
+// (the second one then reads from cache; channels are independent); otherwise the two passes run
+// one after the other over the same (row group, column block) tasks.
 //
 // ATen's Vectorized<T> uses AVX2 / AVX-512 only when CPU_CAPABILITY_AVX2 / _AVX512 is defined
 // (torch's own build sets it per dispatch variant); otherwise it silently falls back to a slow
@@ -44,6 +42,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <type_traits>
 #include "gankern/common.h"
 #include "gankern/batch_norm_relu.h"
@@ -119,6 +118,24 @@ struct VecIO {
     else return V::loadu(p);
   }
 };
+
+// a * b + c with one rounding.  With AVX2 / AVX-512 at::vec::fmadd is the fma instruction; the
+// generic fallback computes a * b + c (two roundings), which would lose the accuracy the folded
+// y = x * scale + shift relies on (|x * scale| >> |y| for data far from 0): use std::fma per lane.
+template <typename V>
+inline V fma_v(const V& a, const V& b, const V& c) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  return at::vec::fmadd(a, b, c);
+#else
+  using T = typename V::value_type;
+  alignas(64) T va[V::size()], vb[V::size()], vc[V::size()];
+  a.store(va);
+  b.store(vb);
+  c.store(vc);
+  for (int64_t i = 0; i < V::size(); ++i) va[i] = std::fma(va[i], vb[i], vc[i]);
+  return V::loadu(va);
+#endif
+}
 
 // max(pre, 0) propagating NaN (as torch.relu).
 template <typename V>
@@ -234,14 +251,13 @@ void write_param(const at::Tensor& t, int64_t c0, int64_t c1, const src_t* __res
   });
 }
 
-// Below this many elements a pass stays on the calling thread (a parallel region costs a few us).
-#ifndef BNR_PAR_MIN
-#define BNR_PAR_MIN 49152
-#endif
-constexpr int64_t kParMin = BNR_PAR_MIN;
+// Below this many elements a pass stays on the calling thread (a parallel region costs a few us):
+// passes that reduce (or reduce then run the elementwise pass), and elementwise-only passes.
+constexpr int64_t kParMin = 32768;
+constexpr int64_t kParMinElementwise = 2 * kParMin;
 
-bool go_parallel(int64_t total_elems) {
-  return total_elems >= kParMin && at::get_num_threads() > 1 && !at::in_parallel_region();
+bool go_parallel(int64_t total_elems, int64_t threshold) {
+  return total_elems >= threshold && at::get_num_threads() > 1 && !at::in_parallel_region();
 }
 
 // Runs f(t0, t1) over the tasks [0, n): on this thread when the pass is small, else split in
@@ -250,16 +266,16 @@ bool go_parallel(int64_t total_elems) {
 template <typename F>
 void run_tasks(int64_t n, int64_t total_elems, const F& f) {
   if (n <= 0) return;
-  if (n == 1 || !go_parallel(total_elems)) f(0, n);
+  if (n == 1 || !go_parallel(total_elems, kParMin)) f(0, n);
   else at::parallel_for(0, n, 1, f);
 }
 
-// Elementwise passes over rows [0, M) of C values: every thread gets >= kParMin / 2 elements.
+// Elementwise passes over rows [0, M) of C values: every thread gets >= kParMinElementwise / 2 elements.
 template <typename F>
 void run_rows(int64_t M, int64_t C, const F& f) {
   if (M <= 0) return;
-  if (!go_parallel(M * C)) f(0, M);
-  else at::parallel_for(0, M, std::max<int64_t>(1, (kParMin / 2) / std::max<int64_t>(1, C)), f);
+  if (!go_parallel(M * C, kParMinElementwise)) f(0, M);
+  else at::parallel_for(0, M, std::max<int64_t>(1, (kParMinElementwise / 2) / std::max<int64_t>(1, C)), f);
 }
 
 // 1 / sqrt(v + eps), vectorized (std::sqrt in a plain loop is not: errno).
@@ -275,51 +291,64 @@ void invstd_from_var(const double* var, double eps, double* out, int64_t n) {
 // ------------------------------------------------------------------ rows layout: partition
 // A function of the shape only (never of the thread count), so results are bitwise reproducible:
 // column blocks of `width` channels x row groups of whole tiles of kTileRows rows.
-//   fused (ngroups == 1): a task is one column block over all rows; it computes the block's
-//     statistics and then runs the elementwise pass over the same block, while its data is still
-//     in this core's L2 (the block width is chosen so that the block's data fits).  Channels are
-//     independent, so no other synchronization is needed.
-//   otherwise (few column blocks: small C and many rows): statistics per (group, block) task,
-//     groups merged in a fixed order, then the elementwise pass over the same tasks.
-#ifndef BNR_TILE_ROWS
-#define BNR_TILE_ROWS 64
-#endif
-#ifndef BNR_SWEEP_ROWS
-#define BNR_SWEEP_ROWS 8
-#endif
-#ifndef BNR_EW_ROWS
-#define BNR_EW_ROWS 8
-#endif
-#ifndef BNR_L2_BUDGET
-#define BNR_L2_BUDGET (384 * 1024)
-#endif
-constexpr int64_t kTileRows = BNR_TILE_ROWS;  // float partial sums over at most this many rows
-constexpr int64_t kSweepRows = BNR_SWEEP_ROWS;  // rows per sweep of a reduction over a column block
-constexpr int64_t kEwRows = BNR_EW_ROWS;  // rows per coefficient load in the elementwise passes
+//   fused: a task is one column block over all rows; it computes the block's statistics and
+//     then runs the elementwise pass over the same block, while its data is still in this core's
+//     L2 (chosen only when the block's data fits, see RowsPlan).  Channels are independent, so no
+//     other synchronization is needed.
+//   otherwise: blocks of whole rows (up to kMaxWidth channels), rows split in groups when that
+//     gives too few tasks; statistics per (group, block) task, groups merged in a fixed order,
+//     then the elementwise pass over the same tasks (at::parallel_for's static split gives every
+//     thread the same tasks in both passes).
+constexpr int64_t kTileRows = 64;  // float partial sums over at most this many rows
+constexpr int64_t kSweepRows = 8;  // rows per sweep of a reduction over a column block
+// Elementwise passes: rows of >= 4 KB (one page each) are processed kEwRows at a time with the
+// coefficients of a column chunk in registers; shorter rows one at a time (several rows of one page
+// interleaved defeat the hardware prefetchers), the coefficients then come from L1.
+constexpr int64_t kEwRows = 4;
+// (cached: the caller knows the data is in this core's cache, so the pass is bound by the core)
+inline int64_t ew_rows(int64_t C, int64_t elem_bytes, bool cached) {
+  return cached || C * elem_bytes >= 4096 ? kEwRows : 1;
+}
 constexpr int64_t kColGrain = 64;  // block widths are multiples of this
-constexpr int64_t kMaxWidth = 256;
+constexpr int64_t kMaxFusedWidth = 256;
+// Not fused, blocks are whole rows up to this many channels: the passes then stream through memory
+// (bands of a few hundred bytes of long rows would revisit every DRAM page once per band).
+constexpr int64_t kMaxWidth = 1024;
 constexpr int64_t kMinTasks = 8;
-constexpr int64_t kMinFusedBlocks = 4;
 constexpr int64_t kMinGroupRows = 256;
-constexpr int64_t kL2Budget = BNR_L2_BUDGET;  // bytes of input per column block (fused)
+constexpr int64_t kL2Budget = 384 * 1024;  // bytes of input per column block (fused)
+constexpr int64_t kL2Bytes = 1024 * 1024;  // a typical L2 (this one: 1 MB, 8 ways)
+constexpr int64_t kWaySpan = kL2Bytes / 8;  // bytes of one way
 
 struct RowsPlan {
   int64_t M, C, width, ncb, ntiles, tpg, ngroups;
-  // bytes_per_value: input bytes per (row, channel): sizeof(T) for the forward, 2 * sizeof(T) backward
-  RowsPlan(int64_t M_, int64_t C_, int64_t bytes_per_value) : M(M_), C(C_) {
+  bool fused;
+  // elem_bytes: sizeof(T); arrays: inputs read twice (1 forward: x; 2 backward: x and dy)
+  RowsPlan(int64_t M_, int64_t C_, int64_t elem_bytes, int64_t arrays) : M(M_), C(C_) {
     auto round_up = [](int64_t v) { return (v + kColGrain - 1) / kColGrain * kColGrain; };
-    const int64_t w_cache = kL2Budget / std::max<int64_t>(1, M * bytes_per_value) / kColGrain * kColGrain;
+    const bool par = M * C >= kParMin;
     const int64_t w_tasks = round_up((C + kMinTasks - 1) / kMinTasks);
-    width = std::max(kColGrain, std::min({w_cache, w_tasks, kMaxWidth}));
+    const int64_t per_col = std::max<int64_t>(1, M * elem_bytes * arrays);  // bytes of a column of the block
+    width = std::max(kColGrain, std::min({kL2Budget / per_col / kColGrain * kColGrain, w_tasks, kMaxFusedWidth}));
     ncb = (C + width - 1) / width;
+    // Does the block stay in cache?  Rows r * row_bytes apart only fall on
+    // kWaySpan / gcd(row_bytes, kWaySpan) distinct offsets of a cache way: with a power-of-two row
+    // size a narrow block can use a small fraction of the cache (e.g. 1/16 for 256 B of 4 KB rows).
+    const int64_t row_bytes = C * elem_bytes;
+    const int64_t offsets = kWaySpan / std::gcd(row_bytes, kWaySpan);
+    const double frac = std::min(1.0, double(offsets) * double(width * elem_bytes) / double(kWaySpan));
+    const double bytes = double(per_col * width);
+    fused = bytes <= double(kL2Budget) && bytes <= frac * double(kL2Bytes) && (ncb >= 2 || !par);
+    if (!fused) {  // blocks do not stay in cache (or too few): wide blocks, rows split in groups
+      width = std::min(kMaxWidth, round_up(C));
+      ncb = (C + width - 1) / width;
+    }
     ntiles = (M + kTileRows - 1) / kTileRows;
     int64_t want = 1;
-    if (ncb < kMinFusedBlocks && M * C >= kParMin)
-      want = std::max<int64_t>(1, std::min((kMinTasks + ncb - 1) / ncb, M / kMinGroupRows));
+    if (!fused && par) want = std::max<int64_t>(1, std::min((kMinTasks + ncb - 1) / ncb, M / kMinGroupRows));
     tpg = std::max<int64_t>(1, (ntiles + want - 1) / want);
     ngroups = std::max<int64_t>(1, (ntiles + tpg - 1) / tpg);  // every group non-empty
   }
-  bool fused() const { return ngroups == 1; }
   int64_t ntasks() const { return ngroups * ncb; }
   int64_t c0(int64_t t) const { return (t % ncb) * width; }
   int64_t c1(int64_t t) const { return std::min(C, c0(t) + width); }
@@ -341,11 +370,8 @@ struct RowsPlan {
 // no E[x^2] - E[x]^2 cancellation, whatever the data; for typical (i.i.d.) batches x is read
 // once plus its first kShiftRows rows.
 // Outputs per channel: mean, m2 (sum of squared deviations) and the plain sum (which decides the
-// non-finite rule, see finish_stats).
-#ifndef BNR_SHIFT_ROWS
-#define BNR_SHIFT_ROWS 16
-#endif
-constexpr int64_t kShiftRows = BNR_SHIFT_ROWS;
+// non-finite rule, see finite_rule).
+constexpr int64_t kShiftRows = 16;
 constexpr double kShiftTol = 0.5;
 
 // Exact statistics of one column chunk over rows [r_begin, r_end): two-pass per tile, tiles merged
@@ -376,7 +402,7 @@ void stats_chunk_exact(const T* __restrict x, int64_t C, int64_t r_begin, int64_
       for (int k = 0; k < K; ++k) {
         const V d = IO::template ld<TAIL>(p0 + r * C + k * W, nl) - m[k];
         sd[k] = sd[k] + d;
-        sq[k] = at::vec::fmadd(d, d, sq[k]);
+        sq[k] = fma_v(d, d, sq[k]);
       }
     alignas(64) acc_t bs[K * W], bm[K * W], bd[K * W], bq[K * W];
     for (int k = 0; k < K; ++k) {
@@ -466,9 +492,9 @@ bool block_shifted(const T* __restrict x, int64_t C, int64_t r_begin, int64_t r_
           for (int k = 0; k < K; ++k) {
             // half of the subtractions as fma(x, 1, -K) (the same result): balances the add and fma ports
             const V xv = IO::template ld<TAIL>(p + k * W, nl);
-            const V d = (k & 1) ? at::vec::fmadd(xv, one, nk[k]) : xv - m[k];
+            const V d = (k & 1) ? fma_v(xv, one, nk[k]) : xv - m[k];
             sd[k] = sd[k] + d;
-            sq[k] = at::vec::fmadd(d, d, sq[k]);
+            sq[k] = fma_v(d, d, sq[k]);
           }
         }
         for (int k = 0; k < K; ++k) {
@@ -561,14 +587,108 @@ void merge_groups(const RowsPlan& P, double* pmean, double* pm2, double* psum) {
   }
 }
 
-// Planar layout: a task is (channel, group of n); a tile = g consecutive (n, c) segments of one
-// channel (about 2K values), two-pass per tile, tiles merged with Chan's update.
+// Planar layout: a task is (channel, group of n) -- one channel per task unless C is small; a
+// tile = g consecutive (n, c) segments of S values (about 2K values).  The same scheme as the rows
+// layout: one pass around a shift (the mean of the task's first >= 64 values) with the check, the
+// redo, and the exact fallback (two-pass per tile, Chan merges).
 template <typename T>
-void stats_planar(const T* x, int64_t N, int64_t C, int64_t S, double* mean_out, double* m2_out, double* sum_out) {
+struct PlanarVec {
   using IO = VecIO<T>;
   using acc_t = typename IO::acc_t;
   using V = typename IO::V;
-  constexpr int64_t W = IO::W;
+  static constexpr int64_t W = IO::W;
+  static acc_t hsum(const V& v) { return at::vec::vec_reduce_all<acc_t>([](V a, V b) { return a + b; }, v); }
+  // f(V values, V shift) over one segment of S values; the tail vector's missing lanes load as 0
+  // and see a shift of 0 (so x - shift = 0 there).
+  template <typename F>
+  static void segment(const T* p, int64_t S, const V& k, const V& k_tail, F&& f) {
+    int64_t s = 0;
+    for (; s + W <= S; s += W) f(IO::load(p + s), k);
+    if (s < S) f(IO::load(p + s, S - s), k_tail);
+  }
+};
+
+template <typename T>
+void planar_task_exact(const T* x, int64_t C, int64_t S, int64_t c, int64_t n_begin, int64_t n_end, int64_t g,
+                       double& na, double& ma, double& qa, double& sa) {
+  using PV = PlanarVec<T>;
+  using acc_t = typename PV::acc_t;
+  using V = typename PV::V;
+  na = ma = qa = sa = 0;
+  const V zero(0);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += g) {
+    const int64_t n1 = std::min(n_end, n0 + g);
+    V acc(0);
+    for (int64_t n = n0; n < n1; ++n)
+      PV::segment(x + (n * C + c) * S, S, zero, zero, [&](const V& v, const V&) { acc = acc + v; });
+    const double cnt = double((n1 - n0) * S);
+    const double tsum = double(PV::hsum(acc));
+    sa += tsum;
+    const acc_t m = static_cast<acc_t>(tsum / cnt);
+    alignas(64) acc_t kb[PV::W];
+    std::fill(kb, kb + PV::W, m);
+    const V mv(m), mt = V::loadu(kb, S % PV::W);
+    V sd(0), sq(0);
+    for (int64_t n = n0; n < n1; ++n)
+      PV::segment(x + (n * C + c) * S, S, mv, mt, [&](const V& v, const V& k) {
+        const V d = v - k;
+        sd = sd + d;
+        sq = fma_v(d, d, sq);
+      });
+    const double corr = double(PV::hsum(sd)), q = double(PV::hsum(sq));
+    bnr::chan_merge(na, ma, qa, cnt, double(m) + corr / cnt, std::max(0.0, q - corr * corr / cnt));
+  }
+}
+
+// One pass around the shift k over segments [n_begin, n_end) of channel c; true when the shift
+// check passes.
+template <typename T>
+bool planar_task_shifted(const T* x, int64_t C, int64_t S, int64_t c, int64_t n_begin, int64_t n_end, int64_t g,
+                         typename VecIO<T>::acc_t k, double& gd, double& gq) {
+  using PV = PlanarVec<T>;
+  using acc_t = typename PV::acc_t;
+  using V = typename PV::V;
+  alignas(64) acc_t kb[PV::W];
+  std::fill(kb, kb + PV::W, k);
+  const V kv(k), kt = V::loadu(kb, S % PV::W);
+  gd = gq = 0;
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += g) {
+    const int64_t n1 = std::min(n_end, n0 + g);
+    V sd0(0), sq0(0), sd1(0), sq1(0);
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* p = x + (n * C + c) * S;
+      int64_t s = 0;
+      for (; s + 2 * PV::W <= S; s += 2 * PV::W) {
+        const V d0 = VecIO<T>::load(p + s) - kv, d1 = VecIO<T>::load(p + s + PV::W) - kv;
+        sd0 = sd0 + d0;
+        sq0 = fma_v(d0, d0, sq0);
+        sd1 = sd1 + d1;
+        sq1 = fma_v(d1, d1, sq1);
+      }
+      if (s + PV::W <= S) {
+        const V d = VecIO<T>::load(p + s) - kv;
+        sd0 = sd0 + d;
+        sq0 = fma_v(d, d, sq0);
+        s += PV::W;
+      }
+      if (s < S) {
+        const V d = VecIO<T>::load(p + s, S - s) - kt;
+        sd1 = sd1 + d;
+        sq1 = fma_v(d, d, sq1);
+      }
+    }
+    gd += double(PV::hsum(sd0 + sd1));
+    gq += double(PV::hsum(sq0 + sq1));
+  }
+  const double n = double((n_end - n_begin) * S);
+  return gd * gd <= kShiftTol * n * gq && gq <= std::numeric_limits<double>::max();
+}
+
+template <typename T>
+void stats_planar(const T* x, int64_t N, int64_t C, int64_t S, double* mean_out, double* m2_out, double* sum_out) {
+  using PV = PlanarVec<T>;
+  using acc_t = typename PV::acc_t;
+  using V = typename PV::V;
   const int64_t g = std::max<int64_t>(1, std::min<int64_t>(N, 2048 / S));
   const int64_t ntiles = (N + g - 1) / g;
   const int64_t nng = std::min<int64_t>(ntiles, std::max<int64_t>(1, 32 / C));
@@ -579,58 +699,39 @@ void stats_planar(const T* x, int64_t N, int64_t C, int64_t S, double* mean_out,
   double* pm2 = pmean + nng * C;
   double* psum = pm2 + nng * C;
   run_tasks(nng * C, N * C * S, [&](int64_t t0, int64_t t1) {
+    const V zero(0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c = t / nng, ng = t % nng;
       const int64_t n_begin = std::min(N, ng * tiles_per_task * g), n_end = std::min(N, n_begin + tiles_per_task * g);
-      double na = 0, ma = 0, qa = 0, sa = 0;
-      for (int64_t n0 = n_begin; n0 < n_end; n0 += g) {
-        const int64_t n1 = std::min(n_end, n0 + g);
-        // pass 1
-        V acc0(0), acc1(0);
-        acc_t tail = 0;
-        for (int64_t n = n0; n < n1; ++n) {
-          const T* p = x + (n * C + c) * S;
-          int64_t s = 0;
-          for (; s + 2 * W <= S; s += 2 * W) {
-            acc0 = acc0 + IO::load(p + s);
-            acc1 = acc1 + IO::load(p + s + W);
-          }
-          for (; s < S; ++s) tail += static_cast<acc_t>(p[s]);
-        }
-        const double cnt = double((n1 - n0) * S);
-        const double tsum = double(at::vec::vec_reduce_all<acc_t>([](V a, V b) { return a + b; }, acc0 + acc1)) +
-                            double(tail);
-        sa += tsum;
-        const acc_t m = static_cast<acc_t>(tsum / cnt);
-        // pass 2
-        V sq0(0), sq1(0), sd0(0), sd1(0);
-        acc_t sqt = 0, sdt = 0;
-        const V mv(m);
-        for (int64_t n = n0; n < n1; ++n) {
-          const T* p = x + (n * C + c) * S;
-          int64_t s = 0;
-          for (; s + 2 * W <= S; s += 2 * W) {
-            const V d0 = IO::load(p + s) - mv, d1 = IO::load(p + s + W) - mv;
-            sd0 = sd0 + d0;
-            sd1 = sd1 + d1;
-            sq0 = at::vec::fmadd(d0, d0, sq0);
-            sq1 = at::vec::fmadd(d1, d1, sq1);
-          }
-          for (; s < S; ++s) {
-            const acc_t d = static_cast<acc_t>(p[s]) - m;
-            sdt += d;
-            sqt += d * d;
-          }
-        }
-        auto hsum = [](V v) { return double(at::vec::vec_reduce_all<acc_t>([](V a, V b) { return a + b; }, v)); };
-        const double corr = hsum(sd0 + sd1) + double(sdt);
-        const double q = hsum(sq0 + sq1) + double(sqt);
-        bnr::chan_merge(na, ma, qa, cnt, double(m) + corr / cnt, std::max(0.0, q - corr * corr / cnt));
+      const int64_t i = ng * C + c;
+      pn[i] = double((n_end - n_begin) * S);
+      if (n_end == n_begin) {
+        pmean[i] = pm2[i] = psum[i] = 0;
+        continue;
       }
-      pn[ng * C + c] = na;
-      pmean[ng * C + c] = ma;
-      pm2[ng * C + c] = qa;
-      psum[ng * C + c] = sa;
+      // shift: the mean of the first >= 64 values
+      const int64_t ks = std::min(n_end - n_begin, std::max<int64_t>(1, (64 + S - 1) / S));
+      V acc(0);
+      for (int64_t n = n_begin; n < n_begin + ks; ++n)
+        PV::segment(x + (n * C + c) * S, S, zero, zero, [&](const V& v, const V&) { acc = acc + v; });
+      acc_t k = static_cast<acc_t>(double(PV::hsum(acc)) / double(ks * S));
+      double gd, gq;
+      bool ok = planar_task_shifted<T>(x, C, S, c, n_begin, n_end, g, k, gd, gq);
+      if (!ok) {
+        const double m = double(k) + gd / pn[i];
+        if (std::abs(m) <= double(std::numeric_limits<acc_t>::max())) {
+          k = static_cast<acc_t>(m);
+          ok = planar_task_shifted<T>(x, C, S, c, n_begin, n_end, g, k, gd, gq);
+        }
+      }
+      if (ok) {
+        pmean[i] = double(k) + gd / pn[i];
+        pm2[i] = std::max(0.0, gq - gd * gd / pn[i]);
+        psum[i] = double(k) * pn[i] + gd;
+      } else {
+        double na;
+        planar_task_exact<T>(x, C, S, c, n_begin, n_end, g, na, pmean[i], pm2[i], psum[i]);
+      }
     }
   });
   for (int64_t c = 0; c < C; ++c) {
@@ -652,13 +753,14 @@ void stats_planar(const T* x, int64_t N, int64_t C, int64_t S, double* mean_out,
 template <typename T>
 void normalize_block(const T* __restrict x, T* __restrict y, int64_t C, int64_t rb, int64_t re, int64_t c0,
                      int64_t c1, const typename VecIO<T>::acc_t* __restrict scale,
-                     const typename VecIO<T>::acc_t* __restrict shift) {
+                     const typename VecIO<T>::acc_t* __restrict shift, bool cached) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   constexpr int64_t W = IO::W;
   constexpr int KN = kVecRegs >= 32 ? 4 : 2;
-  for (int64_t r0 = rb; r0 < re; r0 += kEwRows) {
-    const int64_t nr = std::min(re, r0 + kEwRows) - r0;
+  const int64_t R = ew_rows(C, sizeof(T), cached);
+  for (int64_t r0 = rb; r0 < re; r0 += R) {
+    const int64_t nr = std::min(re, r0 + R) - r0;
     for_chunks<KN>(c0, c1, W, [&](auto KC, auto TC, int64_t c, int64_t nl) {
       constexpr int K = decltype(KC)::value;
       constexpr bool TAIL = decltype(TC)::value;
@@ -671,13 +773,13 @@ void normalize_block(const T* __restrict x, T* __restrict y, int64_t C, int64_t 
       T* py = y + r0 * C + c;
       for (int64_t r = 0; r < nr; ++r, px += C, py += C)
         for (int k = 0; k < K; ++k)
-          IO::template st<TAIL>(py + k * W, relu_v(at::vec::fmadd(IO::template ld<TAIL>(px + k * W, nl), sc[k], sf[k])),
+          IO::template st<TAIL>(py + k * W, relu_v(fma_v(IO::template ld<TAIL>(px + k * W, nl), sc[k], sf[k])),
                                 nl);
     });
   }
 }
 
-// Segments [i0, i1) of the planar layout.
+// Segments [i0, i1) of the planar layout (segment i = (n, c) with c = i % C).
 template <typename T>
 void normalize_planar(const T* __restrict x, T* __restrict y, int64_t C, int64_t S, int64_t i0, int64_t i1,
                       const typename VecIO<T>::acc_t* __restrict scale,
@@ -685,18 +787,49 @@ void normalize_planar(const T* __restrict x, T* __restrict y, int64_t C, int64_t
   using IO = VecIO<T>;
   using V = typename IO::V;
   constexpr int64_t W = IO::W;
+  int64_t c = i0 % C;
   for (int64_t i = i0; i < i1; ++i) {
-    const int64_t c = i % C;
     const V sc(scale[c]), sf(shift[c]);
     const T* px = x + i * S;
     T* py = y + i * S;
     int64_t s = 0;
-    for (; s + W <= S; s += W) IO::store(py + s, relu_v(at::vec::fmadd(IO::load(px + s), sc, sf)));
-    if (s < S) IO::store(py + s, relu_v(at::vec::fmadd(IO::load(px + s, S - s), sc, sf)), S - s);
+    for (; s + W <= S; s += W) IO::store(py + s, relu_v(fma_v(IO::load(px + s), sc, sf)));
+    if (s < S) IO::store(py + s, relu_v(fma_v(IO::load(px + s, S - s), sc, sf)), S - s);
+    if (++c == C) c = 0;
   }
 }
 
 // ------------------------------------------------------------------ forward
+// Non-finite data (Inf/NaN): the mean is the plain sum / count and the variance NaN, as torch
+// computes them (e.g. a channel holding +Inf has mean +Inf, not the NaN of the Chan update).
+// var = the biased variance.
+inline void finite_rule(double* __restrict mean, double* __restrict m2, const double* __restrict sum,
+                        double* __restrict var, int64_t n, double inv_M) {
+  for (int64_t j = 0; j < n; ++j) {
+    const bool fin = std::isfinite(sum[j]);
+    mean[j] = fin ? mean[j] : sum[j] * inv_M;
+    m2[j] = fin ? m2[j] : std::numeric_limits<double>::quiet_NaN();
+    var[j] = m2[j] * inv_M;
+  }
+}
+
+template <typename acc_t>
+inline void fold_range(const double* __restrict dmean, const double* __restrict dinv, const acc_t* __restrict w,
+                       const acc_t* __restrict b, acc_t* __restrict mean, acc_t* __restrict invstd,
+                       acc_t* __restrict scale, acc_t* __restrict shift, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    mean[j] = static_cast<acc_t>(dmean[j]);
+    invstd[j] = static_cast<acc_t>(dinv[j]);
+    bnr::fold(mean[j], invstd[j], w[j], b[j], scale[j], shift[j]);
+  }
+}
+
+// running <- (1 - momentum) * running + momentum * stat * factor
+inline void running_range(double* __restrict running, const double* __restrict stat, double factor, double momentum,
+                          int64_t n) {
+  for (int64_t j = 0; j < n; ++j) running[j] = bnr::running_update(running[j], stat[j] * factor, momentum);
+}
+
 template <typename T>
 void fwd_impl(const at::Tensor& xt, at::Tensor& yt, const Shape& sh, const std::optional<at::Tensor>& running_mean,
               const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
@@ -707,7 +840,7 @@ void fwd_impl(const at::Tensor& xt, at::Tensor& yt, const Shape& sh, const std::
   const T* x = xt.const_data_ptr<T>();
   T* y = yt.mutable_data_ptr<T>();
   const bool rows = sh.layout == Layout::Rows;
-  const RowsPlan P(M, C, int64_t(sizeof(T)));
+  const RowsPlan P(M, C, int64_t(sizeof(T)), 1);
   const int64_t ng = rows && training ? P.ngroups : 1;
   // workspace: doubles pmean, pm2, psum (ng * C each), dvar; then acc_t w, b, scale, shift
   std::unique_ptr<double[]> ws(new double[(3 * ng + 1) * C + 4 * C]);
@@ -727,38 +860,26 @@ void fwd_impl(const at::Tensor& xt, at::Tensor& yt, const Shape& sh, const std::
   const double Md = double(M);
   // Channels [c0, c1): from (pmean, pm2, psum) -- or the running stats in evaluation -- to
   // save_mean / save_invstd, the running-stat update and the folded scale / shift.
+  const double inv_M = 1.0 / Md, inv_M1 = 1.0 / (Md - 1.0);
   auto finish = [&](int64_t c0, int64_t c1) {
+    const int64_t n = c1 - c0;
     if (training) {
-      // non-finite data (Inf/NaN): the mean is the plain sum / count and the variance NaN, as torch
-      // computes them (e.g. a channel holding +Inf has mean +Inf, not the NaN of the Chan update)
-      for (int64_t c = c0; c < c1; ++c) {
-        const bool fin = std::isfinite(psum[c]);
-        pmean[c] = fin ? pmean[c] : psum[c] / Md;
-        pm2[c] = fin ? pm2[c] : std::numeric_limits<double>::quiet_NaN();
-        dvar[c] = pm2[c] / Md;  // biased variance
-      }
+      finite_rule(pmean + c0, pm2 + c0, psum + c0, dvar + c0, n, inv_M);
     } else {
       read_param<double>(running_mean, c0, c1, 0.0, pmean);
       read_param<double>(running_var, c0, c1, 1.0, dvar);
     }
-    invstd_from_var(dvar + c0, eps, dvar + c0, c1 - c0);
-    for (int64_t c = c0; c < c1; ++c) {
-      mean[c] = static_cast<acc_t>(pmean[c]);
-      invstd[c] = static_cast<acc_t>(dvar[c]);
-      bnr::fold(mean[c], invstd[c], w[c], b[c], scale[c], shift[c]);
-    }
+    invstd_from_var(dvar + c0, eps, dvar + c0, n);
+    fold_range<acc_t>(pmean + c0, dvar + c0, w + c0, b + c0, mean + c0, invstd + c0, scale + c0, shift + c0, n);
     if (update) {
       // running_mean <- (1 - momentum) * running_mean + momentum * mean (in double), same for the
       // unbiased variance; dvar / psum are free now
-      double* rm = dvar;
-      read_param<double>(running_mean, c0, c1, 0.0, rm);
-      for (int64_t c = c0; c < c1; ++c) rm[c] = bnr::running_update(rm[c], pmean[c], momentum);
-      write_param(*running_mean, c0, c1, rm);
-      double* rv = psum;
-      read_param<double>(running_var, c0, c1, 1.0, rv);
-      const double inv_M1 = 1.0 / (Md - 1.0);
-      for (int64_t c = c0; c < c1; ++c) rv[c] = bnr::running_update(rv[c], pm2[c] * inv_M1, momentum);
-      write_param(*running_var, c0, c1, rv);
+      read_param<double>(running_mean, c0, c1, 0.0, dvar);
+      running_range(dvar + c0, pmean + c0, 1.0, momentum, n);
+      write_param(*running_mean, c0, c1, dvar);
+      read_param<double>(running_var, c0, c1, 1.0, psum);
+      running_range(psum + c0, pm2 + c0, inv_M1, momentum, n);
+      write_param(*running_var, c0, c1, psum);
     }
   };
   if (!training || M == 0) {
@@ -769,7 +890,7 @@ void fwd_impl(const at::Tensor& xt, at::Tensor& yt, const Shape& sh, const std::
     }
     finish(0, C);
     if (M == 0) return;
-    if (rows) run_rows(M, C, [=](int64_t r0, int64_t r1) { normalize_block<T>(x, y, C, r0, r1, 0, C, scale, shift); });
+    if (rows) run_rows(M, C, [=](int64_t r0, int64_t r1) { normalize_block<T>(x, y, C, r0, r1, 0, C, scale, shift, false); });
     else run_rows(sh.N * C, S, [=](int64_t i0, int64_t i1) { normalize_planar<T>(x, y, C, S, i0, i1, scale, shift); });
     return;
   }
@@ -779,13 +900,13 @@ void fwd_impl(const at::Tensor& xt, at::Tensor& yt, const Shape& sh, const std::
     run_rows(sh.N * C, S, [=](int64_t i0, int64_t i1) { normalize_planar<T>(x, y, C, S, i0, i1, scale, shift); });
     return;
   }
-  if (P.fused()) {
+  if (P.fused) {
     run_tasks(P.ntasks(), M * C, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t c0 = P.c0(t), c1 = P.c1(t);
         stats_rows_task<T>(x, C, 0, M, c0, c1, pmean, pm2, psum);
         finish(c0, c1);
-        normalize_block<T>(x, y, C, 0, M, c0, c1, scale, shift);
+        normalize_block<T>(x, y, C, 0, M, c0, c1, scale, shift, true);
       }
     });
   } else {
@@ -798,7 +919,7 @@ void fwd_impl(const at::Tensor& xt, at::Tensor& yt, const Shape& sh, const std::
     merge_groups(P, pmean, pm2, psum);
     finish(0, C);
     run_tasks(P.ntasks(), M * C, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) normalize_block<T>(x, y, C, P.r0(t), P.r1(t), P.c0(t), P.c1(t), scale, shift);
+      for (int64_t t = t0; t < t1; ++t) normalize_block<T>(x, y, C, P.r0(t), P.r1(t), P.c0(t), P.c1(t), scale, shift, false);
     });
   }
 }
@@ -864,9 +985,9 @@ void bwd_sums_task(const T* __restrict dy, const T* __restrict x, int64_t C, int
         for (int64_t r = 0; r < nr; ++r, px += C, pg += C) {
           for (int k = 0; k < K; ++k) {
             const V xv = IO::template ld<TAIL>(px + k * W, nl);
-            const V g = gate_v(at::vec::fmadd(xv, sc[k], sf[k]), IO::template ld<TAIL>(pg + k * W, nl));
+            const V g = gate_v(fma_v(xv, sc[k], sf[k]), IO::template ld<TAIL>(pg + k * W, nl));
             s1[k] = s1[k] + g;
-            s2[k] = at::vec::fmadd(g, xv - mv[k], s2[k]);
+            s2[k] = fma_v(g, xv - mv[k], s2[k]);
           }
         }
         for (int k = 0; k < K; ++k) {
@@ -917,27 +1038,25 @@ void bwd_sums_planar(const T* dy, const T* x, int64_t N, int64_t C, int64_t S, c
       for (int64_t n0 = n_begin; n0 < n_end; n0 += g) {
         const int64_t n1 = std::min(n_end, n0 + g);
         V s1(0), s2(0);
-        acc_t t1s = 0, t2s = 0;
         for (int64_t n = n0; n < n1; ++n) {
           const T* px = x + (n * C + c) * S;
           const T* pg = dy + (n * C + c) * S;
           int64_t s = 0;
           for (; s + W <= S; s += W) {
             const V xv = IO::load(px + s);
-            const V gv = gate_v(at::vec::fmadd(xv, sc, sf), IO::load(pg + s));
+            const V gv = gate_v(fma_v(xv, sc, sf), IO::load(pg + s));
             s1 = s1 + gv;
-            s2 = at::vec::fmadd(gv, xv - mv, s2);
+            s2 = fma_v(gv, xv - mv, s2);
           }
-          for (; s < S; ++s) {
-            const acc_t xs = static_cast<acc_t>(px[s]);
-            const acc_t pre = std::fma(xs, scc, sfc);
-            const acc_t gs = bnr::relu_passes(pre) ? static_cast<acc_t>(pg[s]) : acc_t(0);
-            t1s += gs;
-            t2s = std::fma(gs, xs - mc, t2s);
+          if (s < S) {  // missing lanes load as 0: dy = 0 there, so g = 0
+            const V xv = IO::load(px + s, S - s);
+            const V gv = gate_v(fma_v(xv, sc, sf), IO::load(pg + s, S - s));
+            s1 = s1 + gv;
+            s2 = fma_v(gv, xv - mv, s2);
           }
         }
-        d1 += double(at::vec::vec_reduce_all<acc_t>([](V a, V b) { return a + b; }, s1)) + double(t1s);
-        d2 += double(at::vec::vec_reduce_all<acc_t>([](V a, V b) { return a + b; }, s2)) + double(t2s);
+        d1 += double(at::vec::vec_reduce_all<acc_t>([](V a, V b) { return a + b; }, s1));
+        d2 += double(at::vec::vec_reduce_all<acc_t>([](V a, V b) { return a + b; }, s2));
       }
       p1[ng * C + c] = d1;
       p2[ng * C + c] = d2;
@@ -957,8 +1076,8 @@ void bwd_sums_planar(const T* dy, const T* x, int64_t N, int64_t C, int64_t S, c
 template <typename V>
 inline V dx_one(const V& xv, const V& gv, const V& mv, const V& sc, const V& sf, const V& a1, const V& a2,
                 const V& a3) {
-  const V g = gate_v(at::vec::fmadd(xv, sc, sf), gv);
-  return at::vec::fmadd(g, a1, at::vec::fmadd(xv - mv, a3, a2));
+  const V g = gate_v(fma_v(xv, sc, sf), gv);
+  return fma_v(g, a1, fma_v(xv - mv, a3, a2));
 }
 
 template <typename T>
@@ -966,13 +1085,14 @@ void dx_block(const T* __restrict dy, const T* __restrict x, T* __restrict dx, i
               int64_t c0, int64_t c1, const typename VecIO<T>::acc_t* __restrict mean,
               const typename VecIO<T>::acc_t* __restrict scale, const typename VecIO<T>::acc_t* __restrict shift,
               const typename VecIO<T>::acc_t* __restrict k1, const typename VecIO<T>::acc_t* __restrict k2,
-              const typename VecIO<T>::acc_t* __restrict k3) {
+              const typename VecIO<T>::acc_t* __restrict k3, bool cached) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   constexpr int64_t W = IO::W;
   constexpr int KD = kVecRegs >= 32 ? 2 : 1;
-  for (int64_t r0 = rb; r0 < re; r0 += kEwRows) {
-    const int64_t nr = std::min(re, r0 + kEwRows) - r0;
+  const int64_t R = ew_rows(C, sizeof(T), cached);
+  for (int64_t r0 = rb; r0 < re; r0 += R) {
+    const int64_t nr = std::min(re, r0 + R) - r0;
     for_chunks<KD>(c0, c1, W, [&](auto KC, auto TC, int64_t c, int64_t nl) {
       constexpr int K = decltype(KC)::value;
       constexpr bool TAIL = decltype(TC)::value;
@@ -1007,8 +1127,8 @@ void dx_planar(const T* __restrict dy, const T* __restrict x, T* __restrict dx, 
   using IO = VecIO<T>;
   using V = typename IO::V;
   constexpr int64_t W = IO::W;
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t c = i % C;
+  int64_t c = i0 % C;
+  for (int64_t i = i0; i < i1; ++i, c = c + 1 == C ? 0 : c + 1) {
     const V mv(mean[c]), sc(scale[c]), sf(shift[c]), a1(k1[c]), a2(k2[c]), a3(k3[c]);
     const T* px = x + i * S;
     const T* pg = dy + i * S;
@@ -1017,6 +1137,22 @@ void dx_planar(const T* __restrict dy, const T* __restrict x, T* __restrict dx, 
     for (; s + W <= S; s += W) IO::store(pd + s, dx_one(IO::load(px + s), IO::load(pg + s), mv, sc, sf, a1, a2, a3));
     if (s < S)
       IO::store(pd + s, dx_one(IO::load(px + s, S - s), IO::load(pg + s, S - s), mv, sc, sf, a1, a2, a3), S - s);
+  }
+}
+
+// dw = sgd * invstd; dx = k1 * g + k3 * (x - mean) + k2 with k1 = w * invstd and, in training,
+// k2 = -k1 * sg / M, k3 = -k1 * invstd^2 * sgd / M (sg = sum(g), sgd = sum(g * (x - mean))).
+template <typename acc_t>
+inline void bwd_coef(const double* __restrict sg, const double* __restrict sgd, const acc_t* __restrict invstd,
+                     const acc_t* __restrict w, double* __restrict dw, acc_t* __restrict k1, acc_t* __restrict k2,
+                     acc_t* __restrict k3, int64_t n, bool training, double inv_M) {
+  for (int64_t j = 0; j < n; ++j) {
+    const double is = double(invstd[j]);
+    dw[j] = sgd[j] * is;
+    const double a = double(w[j]) * is;
+    k1[j] = static_cast<acc_t>(a);
+    k2[j] = training ? static_cast<acc_t>(-a * sg[j] * inv_M) : acc_t(0);
+    k3[j] = training ? static_cast<acc_t>(-a * is * is * sgd[j] * inv_M) : acc_t(0);
   }
 }
 
@@ -1031,7 +1167,7 @@ void bwd_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt, cons
   const T* dy = dyt.const_data_ptr<T>();
   T* dx = M > 0 ? dxt.mutable_data_ptr<T>() : nullptr;
   const bool rows = sh.layout == Layout::Rows;
-  const RowsPlan P(M, C, 2 * int64_t(sizeof(T)));
+  const RowsPlan P(M, C, int64_t(sizeof(T)), 2);
   const int64_t ng = rows ? P.ngroups : 1;
   // workspace: doubles p1 (sum g), p2 (sum g (x - mean)) (ng * C each), dw; then acc_t mean,
   // invstd, w, b, scale, shift, k1, k2, k3
@@ -1056,14 +1192,8 @@ void bwd_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt, cons
   const double inv_M = 1.0 / double(M);
   // channels [c0, c1): dw = sum(g (x - mean)) * invstd (double; db = sum(g) is p1), dx coefficients
   auto coef = [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const double is = double(invstd[c]);
-      dw[c] = p2[c] * is;
-      const double a = double(w[c]) * is;
-      k1[c] = static_cast<acc_t>(a);
-      k2[c] = training ? static_cast<acc_t>(-a * p1[c] * inv_M) : acc_t(0);
-      k3[c] = training ? static_cast<acc_t>(-a * is * is * p2[c] * inv_M) : acc_t(0);
-    }
+    bwd_coef<acc_t>(p1 + c0, p2 + c0, invstd + c0, w + c0, dw + c0, k1 + c0, k2 + c0, k3 + c0, c1 - c0, training,
+                    inv_M);
   };
   if (M == 0) {
     std::fill(p1, p1 + C, 0.0);
@@ -1075,13 +1205,13 @@ void bwd_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt, cons
     run_rows(sh.N * C, S, [=](int64_t i0, int64_t i1) {
       dx_planar<T>(dy, x, dx, C, S, i0, i1, mean, scale, shift, k1, k2, k3);
     });
-  } else if (P.fused()) {
+  } else if (P.fused) {
     run_tasks(P.ntasks(), M * C, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t c0 = P.c0(t), c1 = P.c1(t);
         bwd_sums_task<T>(dy, x, C, 0, M, c0, c1, mean, scale, shift, p1, p2);
         coef(c0, c1);
-        dx_block<T>(dy, x, dx, C, 0, M, c0, c1, mean, scale, shift, k1, k2, k3);
+        dx_block<T>(dy, x, dx, C, 0, M, c0, c1, mean, scale, shift, k1, k2, k3, true);
       }
     });
   } else {
@@ -1102,7 +1232,7 @@ void bwd_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt, cons
     coef(0, C);
     run_tasks(P.ntasks(), M * C, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
-        dx_block<T>(dy, x, dx, C, P.r0(t), P.r1(t), P.c0(t), P.c1(t), mean, scale, shift, k1, k2, k3);
+        dx_block<T>(dy, x, dx, C, P.r0(t), P.r1(t), P.c0(t), P.c1(t), mean, scale, shift, k1, k2, k3, false);
     });
   }
   write_param(gw, 0, C, dw);
