@@ -315,7 +315,10 @@ constexpr int64_t kMaxFusedWidth = 256;
 // (bands of a few hundred bytes of long rows would revisit every DRAM page once per band).
 constexpr int64_t kMaxWidth = 1024;
 constexpr int64_t kMinTasks = 8;
-constexpr int64_t kMinGroupRows = 256;
+// Row groups of at least this many rows (their per-channel work -- shifts, merges -- amortized):
+// forward statistics, and the backward sums (cheaper per channel).
+constexpr int64_t kMinGroupRowsFwd = 256;
+constexpr int64_t kMinGroupRowsBwd = 128;
 constexpr int64_t kL2Budget = 384 * 1024;  // bytes of input per column block (fused)
 constexpr int64_t kL2Bytes = 1024 * 1024;  // a typical L2 (this one: 1 MB, 8 ways)
 constexpr int64_t kWaySpan = kL2Bytes / 8;  // bytes of one way
@@ -324,7 +327,7 @@ struct RowsPlan {
   int64_t M, C, width, ncb, ntiles, tpg, ngroups;
   bool fused;
   // elem_bytes: sizeof(T); arrays: inputs read twice (1 forward: x; 2 backward: x and dy)
-  RowsPlan(int64_t M_, int64_t C_, int64_t elem_bytes, int64_t arrays) : M(M_), C(C_) {
+  RowsPlan(int64_t M_, int64_t C_, int64_t elem_bytes, int64_t arrays, int64_t min_group_rows) : M(M_), C(C_) {
     auto round_up = [](int64_t v) { return (v + kColGrain - 1) / kColGrain * kColGrain; };
     const bool par = M * C >= kParMin;
     const int64_t w_tasks = round_up((C + kMinTasks - 1) / kMinTasks);
@@ -345,7 +348,7 @@ struct RowsPlan {
     }
     ntiles = (M + kTileRows - 1) / kTileRows;
     int64_t want = 1;
-    if (!fused && par) want = std::max<int64_t>(1, std::min((kMinTasks + ncb - 1) / ncb, M / kMinGroupRows));
+    if (!fused && par) want = std::max<int64_t>(1, std::min((kMinTasks + ncb - 1) / ncb, M / min_group_rows));
     tpg = std::max<int64_t>(1, (ntiles + want - 1) / want);
     ngroups = std::max<int64_t>(1, (ntiles + tpg - 1) / tpg);  // every group non-empty
   }
@@ -359,16 +362,16 @@ struct RowsPlan {
 
 // ------------------------------------------------------------------ statistics (training)
 // A task reduces its column block over its rows [r0, r1) in one pass around a per-channel shift
-// K, the mean of its first kShiftRows rows: sums of d = x - K and d^2, in float over a tile of
+// K, the mean of the first kShiftRows rows (of the input, shared by all row groups): sums of d = x - K and d^2, in float over a tile of
 // kTileRows rows, then added in double.  mean = K + sum(d) / n, m2 = sum(d^2) - sum(d)^2 / n.
 // This loses at most a factor 1 / (1 - kShiftTol) of relative accuracy against an exact
 // two-pass as long as sum(d)^2 <= kShiftTol * n * sum(d^2) (K within one standard deviation of
-// the mean for kShiftTol = 1/2), which is checked for every channel.  A block that fails is
-// redone around the mean just computed (accurate, so this passes for finite data), and if that
-// fails too or the data is not finite, chunk by chunk with the exact method: a two-pass per tile
-// (the tile's mean, then deviations from it, from L1/L2) merged with Chan's update.  So there is
-// no E[x^2] - E[x]^2 cancellation, whatever the data; for typical (i.i.d.) batches x is read
-// once plus its first kShiftRows rows.
+// the mean for kShiftTol = 1/2), which is checked for every channel.  A granule of kColGrain
+// channels that fails is redone around its own mean just computed (accurate, so this passes for
+// finite data), and if that fails too or the data is not finite, chunk by chunk with the exact
+// method: a two-pass per tile (the tile's mean, then deviations from it, from L1/L2) merged with
+// Chan's update.  So there is no E[x^2] - E[x]^2 cancellation, whatever the data; for typical
+// (i.i.d.) batches x is read once (plus its first kShiftRows rows).
 // Outputs per channel: mean, m2 (sum of squared deviations) and the plain sum (which decides the
 // non-finite rule, see finite_rule).
 constexpr int64_t kShiftRows = 16;
@@ -458,10 +461,9 @@ void block_colsum(const T* __restrict x, int64_t C, int64_t ra, int64_t rb, int6
 }
 
 // One pass over rows [r_begin, r_end) of the block around shift ks[0, nc): gd = sum(x - K),
-// gq = sum((x - K)^2), float per tile, double across tiles.  True when every channel passes the
-// shift check.
+// gq = sum((x - K)^2), float per tile, double across tiles.
 template <typename T>
-bool block_shifted(const T* __restrict x, int64_t C, int64_t r_begin, int64_t r_end, int64_t c0, int64_t c1,
+void block_shifted(const T* __restrict x, int64_t C, int64_t r_begin, int64_t r_end, int64_t c0, int64_t c1,
                    const typename VecIO<T>::acc_t* __restrict ks, double* __restrict gd, double* __restrict gq) {
   using IO = VecIO<T>;
   using acc_t = typename IO::acc_t;
@@ -515,16 +517,34 @@ bool block_shifted(const T* __restrict x, int64_t C, int64_t r_begin, int64_t r_
       }
     }
   }
-  const double lim = kShiftTol * double(r_end - r_begin);
+}
+
+// The shift check for channels [0, n): sum(d)^2 <= kShiftTol * rows * sum(d^2), sum(d^2) finite.
+inline bool shift_ok(const double* __restrict gd, const double* __restrict gq, int64_t n, int64_t rows) {
+  const double lim = kShiftTol * double(rows);
   bool ok = true;
-  for (int64_t j = 0; j < nc; ++j) ok &= (gd[j] * gd[j] <= lim * gq[j]) & (gq[j] <= std::numeric_limits<double>::max());
+  for (int64_t j = 0; j < n; ++j) ok &= (gd[j] * gd[j] <= lim * gq[j]) & (gq[j] <= std::numeric_limits<double>::max());
   return ok;
 }
 
 // Statistics of rows [r_begin, r_end) x columns [c0, c1); outputs indexed by channel.
+// shift: (indexed by channel) the shifts computed once for all row groups, or nullptr: the mean of
+// the task's first kShiftRows rows.
+template <typename T>
+void shift_from_rows(const T* __restrict x, int64_t C, int64_t r_begin, int64_t r_end, int64_t c0, int64_t c1,
+                     typename VecIO<T>::acc_t* __restrict ks) {
+  using acc_t = typename VecIO<T>::acc_t;
+  const int64_t kr = std::min(r_end - r_begin, kShiftRows);
+  alignas(64) acc_t sum[kMaxWidth];  // block_colsum stores whole vectors
+  block_colsum<T>(x, C, r_begin, r_begin + kr, c0, c1, sum);
+  const acc_t inv_kr = acc_t(1) / acc_t(kr);
+  for (int64_t j = 0; j < c1 - c0; ++j) ks[j] = sum[j] * inv_kr;
+}
+
 template <typename T>
 void stats_rows_task(const T* __restrict x, int64_t C, int64_t r_begin, int64_t r_end, int64_t c0, int64_t c1,
-                     double* __restrict am, double* __restrict a2, double* __restrict as) {
+                     double* __restrict am, double* __restrict a2, double* __restrict as,
+                     const typename VecIO<T>::acc_t* __restrict shift) {
   using IO = VecIO<T>;
   using acc_t = typename IO::acc_t;
   constexpr int64_t W = IO::W;
@@ -533,33 +553,39 @@ void stats_rows_task(const T* __restrict x, int64_t C, int64_t r_begin, int64_t 
   const double nd = double(rows), inv_n = 1.0 / nd;
   alignas(64) acc_t ks[kMaxWidth];
   alignas(64) double gd[kMaxWidth], gq[kMaxWidth];
-  const int64_t kr = std::min(rows, kShiftRows);
-  block_colsum<T>(x, C, r_begin, r_begin + kr, c0, c1, ks);
-  const acc_t inv_kr = acc_t(1) / acc_t(kr);
-  for (int64_t j = 0; j < nc; ++j) ks[j] *= inv_kr;
-  bool ok = block_shifted<T>(x, C, r_begin, r_end, c0, c1, ks, gd, gq);
-  if (!ok) {
-    // again around the mean just found, if finite
-    bool fin = true;
-    for (int64_t j = 0; j < nc; ++j) {
-      const double m = double(ks[j]) + gd[j] * inv_n;
-      fin &= std::abs(m) <= double(std::numeric_limits<acc_t>::max());
-      ks[j] = static_cast<acc_t>(m);
+  if (shift) std::copy(shift + c0, shift + c1, ks);
+  else shift_from_rows<T>(x, C, r_begin, r_end, c0, c1, ks);
+  block_shifted<T>(x, C, r_begin, r_end, c0, c1, ks, gd, gq);
+  // the check, per granule of kColGrain channels: a granule that fails is redone on its own
+  for (int64_t g0 = c0; g0 < c1; g0 += kColGrain) {
+    const int64_t g1 = std::min(c1, g0 + kColGrain), j0 = g0 - c0, n = g1 - g0;
+    bool ok = shift_ok(gd + j0, gq + j0, n, rows);
+    if (!ok) {
+      // again around the mean just found, if finite
+      bool fin = true;
+      for (int64_t j = j0; j < j0 + n; ++j) {
+        const double m = double(ks[j]) + gd[j] * inv_n;
+        fin &= std::abs(m) <= double(std::numeric_limits<acc_t>::max());
+        ks[j] = static_cast<acc_t>(m);
+      }
+      if (fin) {
+        block_shifted<T>(x, C, r_begin, r_end, g0, g1, ks + j0, gd + j0, gq + j0);
+        ok = shift_ok(gd + j0, gq + j0, n, rows);
+      }
     }
-    if (fin) ok = block_shifted<T>(x, C, r_begin, r_end, c0, c1, ks, gd, gq);
-  }
-  if (ok) {
-    for (int64_t j = 0; j < nc; ++j) {
-      const double e = gd[j];
-      am[c0 + j] = double(ks[j]) + e * inv_n;
-      a2[c0 + j] = std::max(0.0, gq[j] - e * e * inv_n);
-      as[c0 + j] = double(ks[j]) * nd + e;
+    if (ok) {
+      for (int64_t j = j0; j < j0 + n; ++j) {
+        const double e = gd[j];
+        am[c0 + j] = double(ks[j]) + e * inv_n;
+        a2[c0 + j] = std::max(0.0, gq[j] - e * e * inv_n);
+        as[c0 + j] = double(ks[j]) * nd + e;
+      }
+    } else {
+      for_chunks<KS>(g0, g1, W, [&](auto KC, auto TC, int64_t c, int64_t nl) {
+        stats_chunk_exact<T, decltype(KC)::value, decltype(TC)::value>(x, C, r_begin, r_end, c, nl, am + c, a2 + c,
+                                                                        as + c);
+      });
     }
-  } else {
-    for_chunks<KS>(c0, c1, W, [&](auto KC, auto TC, int64_t c, int64_t nl) {
-      stats_chunk_exact<T, decltype(KC)::value, decltype(TC)::value>(x, C, r_begin, r_end, c, nl, am + c, a2 + c,
-                                                                      as + c);
-    });
   }
 }
 
@@ -840,10 +866,10 @@ void fwd_impl(const at::Tensor& xt, at::Tensor& yt, const Shape& sh, const std::
   const T* x = xt.const_data_ptr<T>();
   T* y = yt.mutable_data_ptr<T>();
   const bool rows = sh.layout == Layout::Rows;
-  const RowsPlan P(M, C, int64_t(sizeof(T)), 1);
+  const RowsPlan P(M, C, int64_t(sizeof(T)), 1, kMinGroupRowsFwd);
   const int64_t ng = rows && training ? P.ngroups : 1;
-  // workspace: doubles pmean, pm2, psum (ng * C each), dvar; then acc_t w, b, scale, shift
-  std::unique_ptr<double[]> ws(new double[(3 * ng + 1) * C + 4 * C]);
+  // workspace: doubles pmean, pm2, psum (ng * C each), dvar; then acc_t w, b, scale, shift, kshift
+  std::unique_ptr<double[]> ws(new double[(3 * ng + 1) * C + 5 * C]);
   double* pmean = ws.get();
   double* pm2 = pmean + ng * C;
   double* psum = pm2 + ng * C;
@@ -852,6 +878,7 @@ void fwd_impl(const at::Tensor& xt, at::Tensor& yt, const Shape& sh, const std::
   acc_t* b = w + C;
   acc_t* scale = b + C;
   acc_t* shift = scale + C;
+  acc_t* kshift = shift + C;  // the statistics' per-channel shifts (row groups)
   acc_t* mean = save_mean.mutable_data_ptr<acc_t>();
   acc_t* invstd = save_invstd.mutable_data_ptr<acc_t>();
   read_param<acc_t>(weight, 0, C, acc_t(1), w);
@@ -904,16 +931,20 @@ void fwd_impl(const at::Tensor& xt, at::Tensor& yt, const Shape& sh, const std::
     run_tasks(P.ntasks(), M * C, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t c0 = P.c0(t), c1 = P.c1(t);
-        stats_rows_task<T>(x, C, 0, M, c0, c1, pmean, pm2, psum);
+        stats_rows_task<T>(x, C, 0, M, c0, c1, pmean, pm2, psum, nullptr);
         finish(c0, c1);
         normalize_block<T>(x, y, C, 0, M, c0, c1, scale, shift, true);
       }
     });
   } else {
+    // one shift per channel for all row groups (the mean of the first rows): a group then reads
+    // only its own rows
+    for (int64_t t = 0; t < P.ncb; ++t) shift_from_rows<T>(x, C, 0, M, P.c0(t), P.c1(t), kshift + P.c0(t));
     run_tasks(P.ntasks(), M * C, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t g = P.group(t);
-        stats_rows_task<T>(x, C, P.r0(t), P.r1(t), P.c0(t), P.c1(t), pmean + g * C, pm2 + g * C, psum + g * C);
+        stats_rows_task<T>(x, C, P.r0(t), P.r1(t), P.c0(t), P.c1(t), pmean + g * C, pm2 + g * C, psum + g * C,
+                           kshift);
       }
     });
     merge_groups(P, pmean, pm2, psum);
@@ -1167,7 +1198,7 @@ void bwd_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt, cons
   const T* dy = dyt.const_data_ptr<T>();
   T* dx = M > 0 ? dxt.mutable_data_ptr<T>() : nullptr;
   const bool rows = sh.layout == Layout::Rows;
-  const RowsPlan P(M, C, int64_t(sizeof(T)), 2);
+  const RowsPlan P(M, C, int64_t(sizeof(T)), 2, kMinGroupRowsBwd);
   const int64_t ng = rows ? P.ngroups : 1;
   // workspace: doubles p1 (sum g), p2 (sum g (x - mean)) (ng * C each), dw; then acc_t mean,
   // invstd, w, b, scale, shift, k1, k2, k3
