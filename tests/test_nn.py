@@ -44,6 +44,17 @@ def _act_factor(y, slope):
     return torch.where(y.detach() > 0, 1.0, slope).double()
 
 
+def _check_linear_grads(m, ref, x, x64, dtype):
+    """Gradients of a gankern linear module (input, weight, bias) vs its float64 nn.Linear twin."""
+    K, out_features = m.in_features, m.out_features
+    N = x.numel() // K
+    assert_close(x.grad, x64.grad, dtype, scale=sqrt_scale(out_features) * _mag(x64.grad), name="grad_input")
+    assert_close(m.weight.grad, ref.weight.grad, dtype, scale=sqrt_scale(N) * _mag(ref.weight.grad),
+                 name="grad_weight")
+    if m.bias is not None:
+        assert_close(m.bias.grad, ref.bias.grad, dtype, scale=sqrt_scale(N) * _mag(ref.bias.grad), name="grad_bias")
+
+
 # ---------------------------------------------------------------- LinearLeakyReLU
 LIN_BIG = [((1, 7), 5), ((127, 33), 17), ((3, 5, 64), 1000), ((64, 1000), 127)]
 LIN_SMALL = [((1, 7), 5), ((5, 3, 9), 6)]
@@ -81,12 +92,7 @@ def test_linear_leaky_relu_matches_torch(backend, dtype, case):
     # Expected gradients in fp64, through the activation branch the kernel's own output took
     # (pre-activations within rounding of 0 may legitimately land on the other side).
     (z64 * _act_factor(y, slope)).backward(g.double())
-    N = x.numel() // K
-    assert_close(x.grad, x64.grad, dtype, scale=sqrt_scale(out_features) * _mag(x64.grad), name="grad_input")
-    assert_close(m.weight.grad, ref.weight.grad, dtype, scale=sqrt_scale(N) * _mag(ref.weight.grad),
-                 name="grad_weight")
-    if bias:
-        assert_close(m.bias.grad, ref.bias.grad, dtype, scale=sqrt_scale(N) * _mag(ref.bias.grad), name="grad_bias")
+    _check_linear_grads(m, ref, x, x64, dtype)
 
 
 def test_linear_leaky_relu_module_api():
@@ -132,12 +138,7 @@ def test_linear_matches_nn_linear(backend, dtype, in_shape, out_features, bias):
     g = torch.randn_like(y)
     y.backward(g)
     y64.backward(g.double())
-    N = x.numel() // K
-    assert_close(x.grad, x64.grad, dtype, scale=sqrt_scale(out_features) * _mag(x64.grad), name="grad_input")
-    assert_close(m.weight.grad, ref.weight.grad, dtype, scale=sqrt_scale(N) * _mag(ref.weight.grad),
-                 name="grad_weight")
-    if bias:
-        assert_close(m.bias.grad, ref.bias.grad, dtype, scale=sqrt_scale(N) * _mag(ref.bias.grad), name="grad_bias")
+    _check_linear_grads(m, ref, x, x64, dtype)
 
 
 def test_linear_module_api():
