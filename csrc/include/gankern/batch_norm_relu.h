@@ -1,10 +1,11 @@
 // Formulas shared by the CPU kernels, the CUDA kernels and (by transcription) the Triton
 // kernels of the fused BatchNorm + ReLU.  No ATen here: this header is included by .cu files.
 //
-// Statistics are numerically safe: every tile of data is reduced with an exact two-pass
-// (mean of the tile, then the sum of squared deviations from it, both from cache), and tiles
-// are combined with Chan et al.'s pairwise update in a fixed order, so there is no
-// E[x^2] - E[x]^2 cancellation and the bits do not depend on the thread count.
+// Statistics are numerically safe: the CUDA and Triton kernels (and the CPU kernel's fallback)
+// reduce every tile with an exact two-pass (tile mean, then squared deviations from it) and
+// combine tiles with Chan et al.'s pairwise update in a fixed order; the CPU kernel's main path is
+// one pass around a per-channel shift with a per-channel accuracy check (csrc/cpu/batch_norm_relu.cpp).
+// No E[x^2] - E[x]^2 cancellation, and the bits do not depend on the thread count.
 #pragma once
 #include <cmath>
 
