@@ -11,7 +11,7 @@ HUGE = 2 << 20  # 2 MiB
 
 
 def test_large_output_is_huge_page_aligned_and_fully_written():
-    x = torch.randn(1 << 21, 1)  # 8 MiB: above the 4 MiB threshold
+    x = torch.randn(10 << 20, 1)  # 40 MiB: above the 32 MiB threshold
     loss = gankern.bce_with_logits(x, 0.9, reduction="none", backend="cpp")  # poisoned (NaN) before the kernel
     assert loss.untyped_storage().data_ptr() % HUGE == 0
     assert_close(loss, F.binary_cross_entropy_with_logits(x.double(), torch.full_like(x, 0.9, dtype=torch.float64),
@@ -21,7 +21,7 @@ def test_large_output_is_huge_page_aligned_and_fully_written():
 
 
 def test_large_channels_last_output_keeps_its_layout():
-    x = torch.randn(16, 64, 32, 40).contiguous(memory_format=torch.channels_last)  # 5 MiB
+    x = torch.randn(64, 64, 64, 40).contiguous(memory_format=torch.channels_last)  # 40 MiB
     y = gankern.batch_norm_relu(x, None, None, None, None, True, backend="cpp")
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert y.untyped_storage().data_ptr() % HUGE == 0

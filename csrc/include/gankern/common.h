@@ -32,13 +32,17 @@ inline at::Tensor poisoned(at::Tensor t) {
   return t;
 }
 
-// Large CPU outputs come from 2 MiB-aligned memory advised MADV_HUGEPAGE (Linux transparent huge
-// pages in "madvise" or "always" mode): a fresh 64 MiB output then costs ~32 page faults on first
-// touch instead of ~16K, which at GAN-loss / bandwidth sizes is most of a kernel's time (measured:
-// a 64 MiB clone() 21 ms with 4 KiB pages, 6 ms with huge pages, 3 ms into existing memory).
-// Elsewhere (no THP, other OS) it is plain aligned memory.  Small outputs use torch's allocator.
+// Very large CPU outputs come from 2 MiB-aligned memory advised MADV_HUGEPAGE (Linux transparent
+// huge pages in "madvise" or "always" mode).  glibc serves every block of 32 MiB or more (its
+// largest dynamic mmap threshold on 64-bit) with a fresh mmap, so with torch's allocator each such
+// output page-faults on first touch: ~16K faults for 64 MiB with 4 KiB pages, ~32 with huge pages
+// (measured: a 64 MiB clone() 24 ms with 4 KiB pages, 6 ms with huge pages, 3 ms into existing
+// memory).  Below 32 MiB glibc reuses freed heap memory (no faults in a training loop: a 4-31 MiB
+// clone() runs at 15-36 GB/s), and an aligned block of our own would be mmapped and faulted on
+// every call (measured at 4 MiB: a BatchNorm eval pass 67 us -> 200-300 us), so those use torch's
+// allocator.  Elsewhere (no THP, other OS) it is plain aligned memory.
 constexpr size_t kHugePageBytes = size_t(2) << 20;
-constexpr size_t kHugePageMinBytes = size_t(4) << 20;
+constexpr size_t kHugePageMinBytes = size_t(32) << 20;
 
 struct HugePageCpuAllocator final : c10::Allocator {
   static void release(void* p) { std::free(p); }
