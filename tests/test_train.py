@@ -157,3 +157,59 @@ def test_time_steps_fused_and_plain():
     for fused in (True, False):
         t = T.time_steps(c, data, torch.device("cpu"), fused=fused, steps=2, warmup=1, rounds=1)
         assert 0 < t < 10
+
+
+@pytest.mark.parametrize("model", ["mlp", "dcgan"])
+def test_recalibrate_batch_norm_gives_the_generators_own_statistics(model):
+    from gankern.models import make_models
+    torch.manual_seed(0)
+    G, _ = make_models(model, (28, 28), 16, fused=True)
+    norms = [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+    assert norms
+    for m in norms:  # stale statistics, as the EMA generator has after its weights moved
+        m.running_mean.fill_(5.0)
+        m.running_var.fill_(7.0)
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a: inputs.setdefault(mod, []).append(a[0].double()))
+             for m in norms]
+    params = [p.detach().clone() for p in G.parameters()]
+    G.eval()
+    rng = torch.get_rng_state()
+    T.recalibrate_batch_norm(G, 16, "cpu", seed=3, n=96, batch=32)
+    assert torch.equal(torch.get_rng_state(), rng)  # private noise generator
+    assert not G.training and all(m.momentum == 0.1 for m in norms)
+    assert all(torch.equal(p, q) for p, q in zip(params, G.parameters()))
+    for h in hooks:
+        h.remove()
+    dims = lambda x: [0] + list(range(2, x.dim()))
+    for m in norms:
+        xs = inputs[m]
+        assert len(xs) == 3
+        # cumulative average (momentum None) of the three batches' mean and unbiased variance
+        mean = torch.stack([x.mean(dims(x)) for x in xs]).mean(0)
+        var = torch.stack([x.var(dims(x), unbiased=True) for x in xs]).mean(0)
+        torch.testing.assert_close(m.running_mean.double(), mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(m.running_var.double(), var, rtol=1e-4, atol=1e-5)
+        assert int(m.num_batches_tracked) == 3
+    before = [m.running_mean.clone() for m in norms]
+    T.recalibrate_batch_norm(G, 16, "cpu", seed=3, n=96, batch=32)  # same weights, same noise: same bits
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, norms))
+
+
+def test_ema_checkpoint_holds_recalibrated_statistics(tmp_path):
+    s = train(cfg(tmp_path / "r", steps=12, ema=0.9, sample_every=0, ckpt_every=0))
+    ck = load_checkpoint(s["checkpoint"])
+    assert ck["G_ema_bn"] == "recalibrated"
+    G, _, _, c = T.models_from_checkpoint(ck)
+    want = {k: v.clone() for k, v in G.state_dict().items()}
+    T.recalibrate_batch_norm(G, c["z_dim"], "cpu", T.BN_RECAL_SEED)
+    for k, v in G.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    # a checkpoint written before recalibration existed is recalibrated on load
+    ck2 = dict(ck)
+    del ck2["G_ema_bn"]
+    ck2["G_ema"] = {k: (v.fill_(3.0) if k.endswith("running_mean") else v) for k, v in
+                    ((k, v.clone()) for k, v in ck["G_ema"].items())}
+    G2, _, _, _ = T.models_from_checkpoint(ck2)
+    for k, v in G2.state_dict().items():
+        assert torch.equal(v, want[k]), k
