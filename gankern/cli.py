@@ -40,6 +40,8 @@ def _train_parser(sub):
     a("--real-label", type=float, default=None, help="target for real images; 0.9 = one-sided label smoothing (default: 1.0)")
     a("--ema", type=float, nargs="?", const=0.999, default=None,
       help="keep an exponential moving average of the generator (decay, default 0.999 when given); samples/eval use it")
+    a("--lr-decay", type=int, nargs=2, metavar=("START", "END"), default=None,
+      help="both learning rates fall linearly to 0 from step START to step END (default: constant; --demo: 4500 9000)")
     a("--keep", type=int, default=None, help="keep the newest K checkpoints (default: 3)")
     a("--sample-every", type=int, default=None, help="write a sample grid every N steps (0: only at the end; default: 500)")
     a("--ckpt-every", type=int, default=None, help="checkpoint every N steps (0: only at the end; default: 1000)")
@@ -132,7 +134,7 @@ def _cmd_eval(args):
         raise SystemExit(f"gankern eval: the checkpoint makes {shape[0]}x{shape[1]} images but dataset "
                          f"{cfg['dataset']} has {data.image_shape[0]}x{data.image_shape[1]}")
     q = QualityMetric(data, seed=0, device=device)
-    m = q.evaluate(generate(G, q.n, cfg["z_dim"], device, args.seed))
+    m = q.evaluate(generate(G, q.n_generate, cfg["z_dim"], device, args.seed))
     m["step"] = int(ckpt["step"])
     if args.json:
         print(json.dumps(m))

@@ -55,6 +55,7 @@ class TrainConfig:
     resume: bool = False
     real_label: float = 1.0             # < 1: one-sided label smoothing
     ema: float = 0.0                    # generator EMA decay; 0 = off
+    lr_decay: list | None = None        # [start, end]: both lrs fall linearly to 0 from step start to end
     keep: int = 3
     sample_every: int = 500
     ckpt_every: int = 1000
@@ -70,15 +71,28 @@ class TrainConfig:
 
 
 # Settings that define the run: a resume must not change them.
-LOCKED = ("model", "dataset", "batch_size", "lr", "lr_d", "beta1", "beta2", "z_dim", "seed", "real_label", "ema")
+LOCKED = ("model", "dataset", "batch_size", "lr", "lr_d", "beta1", "beta2", "z_dim", "seed", "real_label", "ema", "lr_decay")
 
 # The README demo: MLP GAN on the bundled 8x8 digits, fused kernels, CPU.
 DEMO = dict(model="mlp", dataset="digits", steps=9000, batch_size=64, lr=2e-4, beta1=0.5, beta2=0.999, z_dim=64,
-            real_label=0.9, ema=0.999, sample_every=1000, ckpt_every=3000, out="runs/demo")
+            real_label=0.9, ema=0.999, lr_decay=[4500, 9000], sample_every=1000, ckpt_every=3000, out="runs/demo")
 
 
 EVAL_NOISE_SEED = 0
 BN_RECAL_SEED = 1  # noise for recalibrate_batch_norm of the EMA generator
+
+
+def lr_factor(step, lr_decay):
+    """Learning-rate multiplier for training step ``step`` (1-based): 1 until ``start``, then linear to 0 at ``end``.
+
+    A function of the step alone (no scheduler state), so a resumed run follows the same schedule.
+    """
+    if not lr_decay:
+        return 1.0
+    start, end = lr_decay
+    if step <= start:
+        return 1.0
+    return max(0.0, (end - step) / (end - start))
 
 
 def free_run_dir(base):
@@ -393,6 +407,12 @@ def train(cfg: TrainConfig, explicit: set | None = None) -> dict:
     """Run (or resume) a training run; returns a summary dict (also written to the run folder)."""
     explicit = set(explicit or ())
     log = _Log(cfg.quiet)
+    if cfg.lr_decay:
+        if len(cfg.lr_decay) != 2 or not 0 <= int(cfg.lr_decay[0]) < int(cfg.lr_decay[1]):
+            raise ValueError(f"lr_decay must be two steps START < END with START >= 0; got {cfg.lr_decay!r}")
+        cfg.lr_decay = [int(cfg.lr_decay[0]), int(cfg.lr_decay[1])]
+    else:
+        cfg.lr_decay = None
     device = resolve_device(cfg.device)
     out = cfg.out
     os.makedirs(out, exist_ok=True)
@@ -494,7 +514,7 @@ def train(cfg: TrainConfig, explicit: set | None = None) -> dict:
         if quality is None:
             quality = QualityMetric(data, seed=0, device=device)
         # noise seed 0, as `gankern eval` (default --seed 0): both print the same numbers for a checkpoint
-        return quality.evaluate(generate(ready_sample_g(), quality.n, cfg.z_dim, device, EVAL_NOISE_SEED))
+        return quality.evaluate(generate(ready_sample_g(), quality.n_generate, cfg.z_dim, device, EVAL_NOISE_SEED))
 
     total = cfg.steps
     if start >= total:
@@ -512,6 +532,11 @@ def train(cfg: TrainConfig, explicit: set | None = None) -> dict:
     try:
         for step in range(start + 1, total + 1):
             real = x[sampler.next()]
+            if cfg.lr_decay:
+                f = lr_factor(step, cfg.lr_decay)
+                for opt, lr in ((opt_g, cfg.lr), (opt_d, cfg.lr_d or cfg.lr)):
+                    for pg in opt.param_groups:
+                        pg["lr"] = lr * f
             loss_d, loss_g, d_real, d_fake = step_fn(real)
             if step % cfg.log_every == 0 or step == total:
                 now = time.perf_counter()

@@ -42,16 +42,19 @@ def quality():
 
 def test_quality_metric_separates(quality):
     d = load_dataset("digits")
-    assert quality.accuracy > 0.9 and quality.n == 898 and quality.floor > 0
-    real = quality.evaluate(d.x[torch.randperm(len(d))[:quality.n]])
-    noise = quality.evaluate(torch.rand(quality.n, 64))
+    assert quality.accuracy > 0.9 and quality.n == 898 and quality.draws == 5 and quality.n_generate == 5 * 898
+    assert quality.floor > 0 and quality.floor == sum(quality.floor_draws) / 5
+    assert len(set(quality.floor_draws)) == 5  # independent halvings
+    real = quality.evaluate(torch.cat([d.x[torch.randperm(len(d))[:quality.n]] for _ in range(quality.draws)]))
+    noise = quality.evaluate(torch.rand(quality.n_generate, 64))
     assert real["fd_ratio"] < 3 and real["classes_covered"] == 10
     assert noise["fd_ratio"] > 20 * real["fd_ratio"]
-    ones = quality.evaluate(d.x[d.y == 1][:1].repeat(quality.n, 1))  # one class only
+    assert len(real["fd_draws"]) == 5 and real["fd"] == pytest.approx(sum(real["fd_draws"]) / 5, rel=1e-4)
+    ones = quality.evaluate(d.x[d.y == 1][:1].repeat(quality.n_generate, 1))  # one class only
     assert ones["classes_covered"] == 1 and max(ones["class_hist"]) == 1.0
-    assert "Fréchet distance" in format_report(real)
-    with pytest.raises(ValueError, match=r"shape \(898, 64\)"):
-        quality.evaluate(torch.rand(10, 64))
+    assert "Fréchet distance" in format_report(real) and "mean of 5 draws" in format_report(real)
+    with pytest.raises(ValueError, match=r"shape \(4490, 64\) \(5 draws of 898"):
+        quality.evaluate(torch.rand(898, 64))
 
 
 def test_quality_metric_deterministic_and_no_global_rng():

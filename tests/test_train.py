@@ -54,7 +54,8 @@ def _assert_same(a, b, where=""):
 
 
 def test_exact_resume(tmp_path):
-    kw = dict(steps=60, ema=0.9, real_label=0.9, sample_every=0, ckpt_every=0, log_every=10)
+    # the lr decay spans the split: a schedule that is a function of the step resumes exactly
+    kw = dict(steps=60, ema=0.9, real_label=0.9, lr_decay=[20, 70], sample_every=0, ckpt_every=0, log_every=10)
     train(cfg(tmp_path / "full", **kw))
     train(cfg(tmp_path / "split", **dict(kw, steps=30)))
     train(cfg(tmp_path / "split", **dict(kw, steps=60, resume=True)))
@@ -65,6 +66,19 @@ def test_exact_resume(tmp_path):
     la = [(r["step"], r["loss_d"], r["loss_g"], r["d_x"]) for r in map(json.loads, open(tmp_path / "full" / "metrics.jsonl"))]
     lb = [(r["step"], r["loss_d"], r["loss_g"], r["d_x"]) for r in map(json.loads, open(tmp_path / "split" / "metrics.jsonl"))]
     assert la == lb and len(la) == 6
+
+
+def test_lr_decay_schedule(tmp_path):
+    assert [T.lr_factor(s, [4, 8]) for s in (1, 4, 5, 6, 8, 9)] == [1.0, 1.0, 0.75, 0.5, 0.0, 0.0]
+    assert T.lr_factor(123, None) == 1.0
+    with pytest.raises(ValueError, match="lr_decay must be two steps START < END"):
+        train(cfg(tmp_path, lr_decay=[8, 4]))
+    s = train(cfg(tmp_path / "d", steps=6, lr_decay=[2, 4], lr=1e-3, lr_d=2e-3))
+    ck = load_checkpoint(s["checkpoint"])
+    assert ck["opt_G"]["param_groups"][0]["lr"] == 0.0 and ck["opt_D"]["param_groups"][0]["lr"] == 0.0
+    s = train(cfg(tmp_path / "e", steps=3, lr_decay=[2, 4], lr=1e-3, lr_d=2e-3))  # step 3: half way
+    ck = load_checkpoint(s["checkpoint"])
+    assert ck["opt_G"]["param_groups"][0]["lr"] == 5e-4 and ck["opt_D"]["param_groups"][0]["lr"] == 1e-3
 
 
 def test_resume_guards(tmp_path):
