@@ -25,7 +25,7 @@ def _train_parser(sub):
       help="digits = scikit-learn's bundled 8x8 digits; mnist / fashion-mnist are read from --data-dir (default: digits)")
     a("--data-dir", default=None, help="folder with train-images-idx3-ubyte[.gz] + train-labels-idx1-ubyte[.gz] or an .npz")
     a("--steps", type=int, default=None, help="total number of training steps (default: 2000; --demo: %d)" % 9000)
-    a("--batch-size", type=int, default=None, help="batch size (default: 64)")
+    a("--batch-size", type=int, default=None, help="batch size (default: 64; --demo: 128)")
     a("--lr", type=float, default=None, help="Adam learning rate (default: 2e-4)")
     a("--lr-d", type=float, default=None, help="discriminator learning rate (default: --lr)")
     a("--beta1", type=float, default=None, help="Adam beta1 (default: 0.5)")

@@ -74,7 +74,7 @@ class TrainConfig:
 LOCKED = ("model", "dataset", "batch_size", "lr", "lr_d", "beta1", "beta2", "z_dim", "seed", "real_label", "ema", "lr_decay")
 
 # The README demo: MLP GAN on the bundled 8x8 digits, fused kernels, CPU.
-DEMO = dict(model="mlp", dataset="digits", steps=9000, batch_size=64, lr=2e-4, beta1=0.5, beta2=0.999, z_dim=64,
+DEMO = dict(model="mlp", dataset="digits", steps=9000, batch_size=128, lr=2e-4, beta1=0.5, beta2=0.999, z_dim=64,
             real_label=0.9, ema=0.999, lr_decay=[4500, 9000], sample_every=1000, ckpt_every=3000, out="runs/demo")
 
 
