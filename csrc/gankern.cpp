@@ -20,4 +20,11 @@ PYBIND11_MODULE(_C, mod) {
           "Fill kernel outputs with NaN before writing them (tests only).");
   mod.def("_get_poison", []() { return gankern::poison_flag().load(); });
   mod.def("parallel_info", []() { return at::get_parallel_info(); });
+  mod.def("_cpu_cache_release", []() { gankern::cpu_block_cache().release(); },
+          "Free the cached CPU output blocks (gankern.empty_cache()).");
+  mod.def("_cpu_cache_info", []() {
+    auto& c = gankern::cpu_block_cache();
+    std::lock_guard<std::mutex> g(c.mu);
+    return std::make_tuple(c.cached, c.cap, c.hits, c.misses);
+  });
 }

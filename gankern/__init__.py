@@ -3,13 +3,13 @@
 Functional ops (each takes ``backend=None``: "auto", "cpp", "cuda", "triton", "reference"):
     bce_with_logits, batch_norm_relu, linear_leaky_relu
 Layers: ``gankern.nn``; model conversion: ``gankern.fuse`` / ``gankern.unfuse``;
-what can run here: ``gankern.backends()``.
+what can run here: ``gankern.backends()``; CPU output-block cache: ``gankern.empty_cache()`` / ``cache_info()``.
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from ._backends import BackendUnavailableError, backends
+from ._backends import BackendUnavailableError, backends, cache_info, empty_cache
 from ._backends import load_extension as _load_extension
 
 _load_extension()  # registers the compiled ops if the extension is built (no compilation here)
@@ -21,7 +21,7 @@ from . import nn  # noqa: E402
 from .fuse import fuse, unfuse  # noqa: E402
 
 __all__ = ["bce_with_logits", "batch_norm_relu", "linear_leaky_relu", "backends", "fuse", "unfuse",
-           "nn", "BackendUnavailableError", "__version__"]
+           "nn", "BackendUnavailableError", "empty_cache", "cache_info", "__version__"]
 
 
 def _warn_if_missing():

@@ -160,6 +160,27 @@ def set_poison(on: bool) -> None:
 POISON = False
 
 
+def empty_cache() -> None:
+    """Free the CPU output blocks gankern's C++ kernels keep for reuse (like torch.cuda.empty_cache()).
+
+    Outputs of 256 KiB or more are served from a cache of freed blocks, at most
+    ``GANKERN_CPU_CACHE_MB`` MiB (default 256, read once per process; 0 turns the cache off), so a
+    training loop does not page-fault its buffers in again every step.
+    """
+    ext = load_extension()
+    if ext is not None:
+        ext._cpu_cache_release()
+
+
+def cache_info() -> dict:
+    """The CPU output-block cache: bytes held now, capacity, reuses (hits) and fresh allocations (misses)."""
+    ext = load_extension()
+    if ext is None:
+        return {"cached_bytes": 0, "capacity_bytes": 0, "hits": 0, "misses": 0}
+    cached, cap, hits, misses = ext._cpu_cache_info()
+    return {"cached_bytes": cached, "capacity_bytes": cap, "hits": hits, "misses": misses}
+
+
 def new_empty(shape, *, dtype, device, like: torch.Tensor | None = None) -> torch.Tensor:
     """torch.empty for kernel outputs (Triton launchers); NaN-filled when poisoning is on."""
     t = torch.empty(shape, dtype=dtype, device=device)

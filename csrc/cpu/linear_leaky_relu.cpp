@@ -200,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
   // dZ in the input dtype (fp32 for half inputs: the GEMMs then run in fp32); slope 1 (a plain
   // Linear): dZ is dY itself, no pass but the bias column sums
   const bool identity = slope == 1.0 && !half;
-  at::Tensor dz = identity ? g : at::empty({M, N}, input.options().dtype(acc_type));
+  at::Tensor dz = identity ? g : alloc_empty({M, N}, input.options().dtype(acc_type), at::MemoryFormat::Contiguous);
   at::Tensor db = mask[2] ? (half ? at::empty({N}, input.options().dtype(at::kFloat)) : gb) : at::Tensor();
   if (M * N > 0 && (!identity || db.defined())) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "llr_bwd_cpu", [&] {

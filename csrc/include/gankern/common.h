@@ -7,9 +7,13 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <mutex>
 #include <new>
+#include <unordered_map>
+#include <vector>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -32,30 +36,106 @@ inline at::Tensor poisoned(at::Tensor t) {
   return t;
 }
 
-// Very large CPU outputs come from 2 MiB-aligned memory advised MADV_HUGEPAGE (Linux transparent
-// huge pages in "madvise" or "always" mode).  glibc serves every block of 32 MiB or more (its
-// largest dynamic mmap threshold on 64-bit) with a fresh mmap, so with torch's allocator each such
-// output page-faults on first touch: ~16K faults for 64 MiB with 4 KiB pages, ~32 with huge pages
-// (measured: a 64 MiB clone() 24 ms with 4 KiB pages, 6 ms with huge pages, 3 ms into existing
-// memory).  Below 32 MiB glibc reuses freed heap memory (no faults in a training loop: a 4-31 MiB
-// clone() runs at 15-36 GB/s), and an aligned block of our own would be mmapped and faulted on
-// every call (measured at 4 MiB: a BatchNorm eval pass 67 us -> 200-300 us), so those use torch's
-// allocator.  Elsewhere (no THP, other OS) it is plain aligned memory.
+// CPU output buffers of kBlockMinBytes or more come from gankern's own blocks, kept in a bounded
+// cache when freed and handed out again for the next output of the same rounded size.
+//  * Why: in a training loop the same few output sizes are allocated and freed every step.  With
+//    glibc, blocks of a few MiB live at the top of the heap and are trimmed back to the kernel when
+//    freed (M_TRIM_THRESHOLD), or are mmapped afresh (>= 32 MiB, glibc's largest mmap threshold),
+//    so every step page-faults them in again: measured at 1024x1024 fp32 BatchNorm+ReLU fwd+bwd,
+//    200-1200 faults and 0.7-2.4 ms per step, depending on the allocator's history; a 64 MiB
+//    clone() costs 24 ms with 4 KiB pages against 3 ms into existing memory.
+//  * Blocks of 2 MiB or more are 2 MiB-aligned and advised MADV_HUGEPAGE (Linux transparent huge
+//    pages in "madvise" or "always" mode): a first touch costs ~32 faults per 64 MiB, not ~16K.
+//  * The cache holds at most GANKERN_CPU_CACHE_MB MiB (default 256; 0 disables it) of freed
+//    blocks; gankern.empty_cache() returns them to the system.  Reused blocks hold old data: every
+//    kernel writes its whole output (checked by the NaN-poisoning tests).
+// Smaller outputs use torch's allocator.
+constexpr size_t kBlockMinBytes = size_t(256) << 10;
 constexpr size_t kHugePageBytes = size_t(2) << 20;
-constexpr size_t kHugePageMinBytes = size_t(32) << 20;
 
-struct HugePageCpuAllocator final : c10::Allocator {
-  static void release(void* p) { std::free(p); }
-  c10::DataPtr allocate(size_t n) override {
-    if (n < kHugePageMinBytes) return c10::GetCPUAllocator()->allocate(n);
-    const size_t bytes = (n + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
+struct CpuBlockCache {
+  std::mutex mu;
+  std::unordered_map<size_t, std::vector<void*>> free_blocks;  // rounded size -> blocks
+  size_t cached = 0, cap = 0;
+  uint64_t hits = 0, misses = 0;
+  CpuBlockCache() {
+    const char* e = std::getenv("GANKERN_CPU_CACHE_MB");
+    cap = size_t(256) << 20;
+    if (e != nullptr && *e != '\0') {
+      char* end = nullptr;
+      const long long mb = std::strtoll(e, &end, 10);
+      TORCH_CHECK(end != e && *end == '\0' && mb >= 0, "GANKERN_CPU_CACHE_MB must be a whole number of MiB >= 0, got '",
+                  e, "'");
+      cap = size_t(mb) << 20;
+    }
+  }
+  static size_t round(size_t n) {
+    const size_t q = n >= kHugePageBytes ? kHugePageBytes : size_t(64) << 10;
+    return (n + q - 1) / q * q;
+  }
+  void* get(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> g(mu);
+      auto it = free_blocks.find(bytes);
+      if (it != free_blocks.end() && !it->second.empty()) {
+        void* p = it->second.back();
+        it->second.pop_back();
+        cached -= bytes;
+        ++hits;
+        return p;
+      }
+      ++misses;
+    }
+    const size_t align = bytes >= kHugePageBytes ? kHugePageBytes : 4096;
     void* p = nullptr;
-    if (posix_memalign(&p, kHugePageBytes, bytes) != 0 || p == nullptr)
-      TORCH_CHECK(false, "gankern: out of memory allocating ", n, " bytes");
+    if (posix_memalign(&p, align, bytes) != 0 || p == nullptr)
+      TORCH_CHECK(false, "gankern: out of memory allocating ", bytes, " bytes");
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-    madvise(p, bytes, MADV_HUGEPAGE);  // advice only: ignore failure
+    if (bytes >= kHugePageBytes) madvise(p, bytes, MADV_HUGEPAGE);  // advice only: ignore failure
 #endif
-    return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
+    return p;
+  }
+  void put(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> g(mu);
+      if (cached + bytes <= cap) {
+        free_blocks[bytes].push_back(p);
+        cached += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+  void release() {
+    std::lock_guard<std::mutex> g(mu);
+    for (auto& kv : free_blocks)
+      for (void* p : kv.second) std::free(p);
+    free_blocks.clear();
+    cached = 0;
+  }
+};
+
+// Never destroyed: tensors may be freed after static destructors ran (at exit).
+inline CpuBlockCache& cpu_block_cache() {
+  static CpuBlockCache* c = new CpuBlockCache();
+  return *c;
+}
+
+struct CachingCpuAllocator final : c10::Allocator {
+  struct Block {
+    void* p;
+    size_t bytes;
+  };
+  static void release(void* ctx) {
+    auto* b = static_cast<Block*>(ctx);
+    cpu_block_cache().put(b->p, b->bytes);
+    delete b;
+  }
+  c10::DataPtr allocate(size_t n) override {
+    if (n < kBlockMinBytes) return c10::GetCPUAllocator()->allocate(n);
+    const size_t bytes = CpuBlockCache::round(n);
+    void* p = cpu_block_cache().get(bytes);
+    return {p, new Block{p, bytes}, &release, c10::Device(c10::DeviceType::CPU)};
   }
   // the small-size branch hands out torch's own DataPtrs, whose deleter is not `release`
   c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
@@ -64,16 +144,16 @@ struct HugePageCpuAllocator final : c10::Allocator {
   }
 };
 
-inline c10::Allocator* huge_page_cpu_allocator() {
-  static HugePageCpuAllocator a;
+inline c10::Allocator* caching_cpu_allocator() {
+  static CachingCpuAllocator a;
   return &a;
 }
 
 inline at::Tensor alloc_empty(at::IntArrayRef sizes, const at::TensorOptions& opts, at::MemoryFormat fmt) {
   if (opts.device().is_cpu() && !opts.pinned_memory() && opts.layout() == at::kStrided) {
     const int64_t n = c10::multiply_integers(sizes);
-    if (n > 0 && size_t(n) * opts.dtype().itemsize() >= kHugePageMinBytes)
-      return at::detail::empty_generic(sizes, huge_page_cpu_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+    if (n > 0 && size_t(n) * opts.dtype().itemsize() >= kBlockMinBytes)
+      return at::detail::empty_generic(sizes, caching_cpu_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                        opts.dtype().toScalarType(), fmt);
   }
   return at::empty(sizes, opts.memory_format(fmt));
