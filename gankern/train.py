@@ -487,7 +487,7 @@ def train(cfg: TrainConfig, explicit: set | None = None) -> dict:
                "torch_version": str(torch.__version__), "step": step, "config": cfg.to_dict(),
                "image_shape": list(data.image_shape),
                "G": G.state_dict(), "D": D.state_dict(),
-               "G_ema": ready_sample_g().state_dict() if ema_model is not None else None, "G_ema_bn": "recalibrated",
+               "G_ema": ready_sample_g().state_dict() if ema_model is not None else None, "G_ema_bn": "recalibrated" if ema_model is not None else None,
                "ema_updates": step_fn.ema_updates(),
                "opt_G": opt_g.state_dict(), "opt_D": opt_d.state_dict(),
                "rng": {"torch": torch.get_rng_state(),
