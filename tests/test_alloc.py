@@ -79,3 +79,33 @@ def test_cache_capacity_from_the_environment():
     assert cap == 64 << 20 and hits == 2 and cached == 4 << 20
     bad = _run(code, GANKERN_CPU_CACHE_MB="lots")
     assert bad.returncode != 0 and "GANKERN_CPU_CACHE_MB must be a whole number of MiB >= 0, got 'lots'" in bad.stderr
+
+
+def test_forked_child_can_allocate():
+    # a DataLoader-style fork after the cache was used: the child allocates and frees cached blocks
+    gankern.empty_cache()
+    x = torch.randn(1024, 1024)
+    y = gankern.batch_norm_relu(x, None, None, training=True, backend="cpp")
+    del y
+    pid = os.fork()
+    if pid == 0:  # child: exit code 0 only if the op ran and was right
+        try:
+            torch.set_num_threads(1)  # as DataLoader workers do: libgomp's pool does not survive a fork
+            y = gankern.batch_norm_relu(x, None, None, training=True, backend="cpp")
+            ok = torch.allclose(y.double(), F.relu(F.batch_norm(x.double(), None, None, None, None, True)), atol=1e-4)
+            del y
+            os._exit(0 if ok else 1)
+        except BaseException:
+            os._exit(2)
+    import time
+    deadline = time.monotonic() + 60
+    while True:  # never hang the suite: a child stuck on a lock is killed and the test fails
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child did not finish within 60 s (a lock held across fork?)")
+        time.sleep(0.05)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

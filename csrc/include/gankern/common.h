@@ -17,6 +17,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__unix__)
+#include <pthread.h>
+#endif
 
 namespace gankern {
 
@@ -115,9 +118,16 @@ struct CpuBlockCache {
   }
 };
 
-// Never destroyed: tensors may be freed after static destructors ran (at exit).
+// Never destroyed: tensors may be freed after static destructors ran (at exit).  A child process
+// forked while another thread held the lock (DataLoader workers) gets a fresh, unlocked mutex.
 inline CpuBlockCache& cpu_block_cache() {
-  static CpuBlockCache* c = new CpuBlockCache();
+  static CpuBlockCache* c = [] {
+    auto* cache = new CpuBlockCache();
+#if defined(__unix__)
+    pthread_atfork(nullptr, nullptr, [] { new (&cpu_block_cache().mu) std::mutex(); });
+#endif
+    return cache;
+  }();
   return *c;
 }
 
