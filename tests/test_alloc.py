@@ -109,3 +109,17 @@ def test_forked_child_can_allocate():
             pytest.fail("the forked child did not finish within 60 s (a lock held across fork?)")
         time.sleep(0.05)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_full_cache_drops_its_oldest_blocks():
+    code = ("import torch, gankern\n"
+            "def out(rows):\n"  # a 4 MiB then a 6 MiB output, freed at once
+            "    return gankern.batch_norm_relu(torch.randn(rows, 1024), None, None, training=True, backend='cpp')\n"
+            "y = out(1024); p4 = y.data_ptr(); del y\n"
+            "y = out(1536); p6 = y.data_ptr(); del y\n"   # cap 8 MiB: 4 + 6 > 8, the older 4 MiB block goes
+            "i = gankern.cache_info(); print(i['cached_bytes'] >> 20)\n"
+            "y = out(1536); print(int(y.data_ptr() == p6)); del y\n"
+            "y = out(1024); print(int(gankern.cache_info()['misses'])); del y\n")
+    r = _run(code, GANKERN_CPU_CACHE_MB="8")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["6", "1", "3"]  # 6 MiB kept; reused; the 4 MiB one was dropped (a third miss)

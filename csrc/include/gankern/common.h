@@ -9,10 +9,12 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <deque>
+#include <iterator>
 #include <limits>
 #include <mutex>
 #include <new>
-#include <unordered_map>
+#include <utility>
 #include <vector>
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -50,7 +52,7 @@ inline at::Tensor poisoned(at::Tensor t) {
 //  * Blocks of 2 MiB or more are 2 MiB-aligned and advised MADV_HUGEPAGE (Linux transparent huge
 //    pages in "madvise" or "always" mode): a first touch costs ~32 faults per 64 MiB, not ~16K.
 //  * The cache holds at most GANKERN_CPU_CACHE_MB MiB (default 256; 0 disables it) of freed
-//    blocks; gankern.empty_cache() returns them to the system.  Reused blocks hold old data: every
+//    blocks and drops its oldest blocks when full; gankern.empty_cache() returns them all.  Reused blocks hold old data: every
 //    kernel writes its whole output (checked by the NaN-poisoning tests).
 // Smaller outputs use torch's allocator.
 constexpr size_t kBlockMinBytes = size_t(256) << 10;
@@ -58,7 +60,9 @@ constexpr size_t kHugePageBytes = size_t(2) << 20;
 
 struct CpuBlockCache {
   std::mutex mu;
-  std::unordered_map<size_t, std::vector<void*>> free_blocks;  // rounded size -> blocks
+  // freed blocks (rounded size, pointer), oldest first: a full cache drops its oldest blocks, so
+  // it follows the sizes a program uses now (a handful of blocks: linear search is enough)
+  std::deque<std::pair<size_t, void*>> free_blocks;
   size_t cached = 0, cap = 0;
   uint64_t hits = 0, misses = 0;
   CpuBlockCache() {
@@ -79,13 +83,14 @@ struct CpuBlockCache {
   void* get(size_t bytes) {
     {
       std::lock_guard<std::mutex> g(mu);
-      auto it = free_blocks.find(bytes);
-      if (it != free_blocks.end() && !it->second.empty()) {
-        void* p = it->second.back();
-        it->second.pop_back();
-        cached -= bytes;
-        ++hits;
-        return p;
+      for (auto it = free_blocks.rbegin(); it != free_blocks.rend(); ++it) {  // the newest first: warm in cache
+        if (it->first == bytes) {
+          void* p = it->second;
+          free_blocks.erase(std::next(it).base());
+          cached -= bytes;
+          ++hits;
+          return p;
+        }
       }
       ++misses;
     }
@@ -99,22 +104,31 @@ struct CpuBlockCache {
     return p;
   }
   void put(void* p, size_t bytes) {
+    std::vector<void*> drop;
     {
       std::lock_guard<std::mutex> g(mu);
-      if (cached + bytes <= cap) {
-        free_blocks[bytes].push_back(p);
+      if (bytes > cap) {
+        drop.push_back(p);
+      } else {
+        free_blocks.emplace_back(bytes, p);
         cached += bytes;
-        return;
+        while (cached > cap) {
+          drop.push_back(free_blocks.front().second);
+          cached -= free_blocks.front().first;
+          free_blocks.pop_front();
+        }
       }
     }
-    std::free(p);
+    for (void* q : drop) std::free(q);  // outside the lock
   }
   void release() {
-    std::lock_guard<std::mutex> g(mu);
-    for (auto& kv : free_blocks)
-      for (void* p : kv.second) std::free(p);
-    free_blocks.clear();
-    cached = 0;
+    std::deque<std::pair<size_t, void*>> all;
+    {
+      std::lock_guard<std::mutex> g(mu);
+      all.swap(free_blocks);
+      cached = 0;
+    }
+    for (auto& b : all) std::free(b.second);
   }
 };
 
