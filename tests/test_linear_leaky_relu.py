@@ -69,7 +69,10 @@ CPP_CASES = [
     ((1, 784), 127, torch.bfloat16, 0.0, True, False),
     ((7, 7), 784, torch.bfloat16, 1.0, False, False),
     ((31, 17), 9, torch.float64, 0.2, True, True),
-    # above the oneDNN threshold (csrc/cpu/linear_leaky_relu.cpp: kOneDnnMinMacs = 2**23 multiply-adds)
+    # above the oneDNN threshold (csrc/cpu/linear_leaky_relu.cpp: kOneDnnMinMacs = 2**25 multiply-adds)
+    ((2, 64, 512), 600, torch.float32, 0.0, True, False),
+    ((128, 512), 513, torch.float32, 0.01, False, True),
+    # below it: MKL, the backward's dX and dW GEMMs at the same time (concurrent_bwd_gemms)
     ((2, 64, 300), 600, torch.float32, 0.0, True, False),
     ((128, 256), 257, torch.float32, 0.01, False, True),
 ]
@@ -155,24 +158,43 @@ def test_kink_and_nan_follow_torch(backend, slope):
 
 
 @needs_cpp
-@pytest.mark.parametrize("engine", ["onednn", "mkl"])
+@pytest.mark.parametrize("engine,K,N", [("onednn", 512, 600), ("mkl", 512, 600),  # oneDNN-sized, also forced onto MKL
+                                        ("onednn", 256, 300)])  # below the threshold: MKL, concurrent dX / dW
 @pytest.mark.parametrize("slope", [0.0, 0.2])
-def test_large_nan_inf_follow_torch(monkeypatch, engine, slope):
-    """GEMMs big enough for the oneDNN path (and the same forced onto MKL): NaN/Inf as in torch."""
+def test_large_nan_inf_follow_torch(monkeypatch, engine, K, N, slope):
+    """NaN/Inf as in torch on each GEMM path of the cpp backend."""
     monkeypatch.setenv("GANKERN_LLR_GEMM", engine)
-    x, w, b = make((128, 256), 300, torch.float32)
+    x, w, b = make((128, K), N, torch.float32)
     x[5, 7] = float("nan")
     x[9, 3] = float("inf")
     x[11, 0] = -float("inf")
     xs = [x.clone().requires_grad_(), x.double().requires_grad_()]
-    y = gankern.linear_leaky_relu(xs[0], w, b, slope, backend="cpp")
-    yr = F.leaky_relu(F.linear(xs[1], w.double(), b.double()), slope)
+    ws = [w.clone().requires_grad_(), w.double().requires_grad_()]
+    y = gankern.linear_leaky_relu(xs[0], ws[0], b, slope, backend="cpp")
+    yr = F.leaky_relu(F.linear(xs[1], ws[1], b.double()), slope)
     assert yr.isnan().any() and yr.isinf().any()
-    assert_close(y, yr, scale=sqrt_scale(256), name="output")
+    assert_close(y, yr, scale=sqrt_scale(K), name="output")
     g = torch.randn(y.shape)
     g[0, 0] = float("nan")
-    (gx,), (gxr,) = torch.autograd.grad(y, xs[0], g), torch.autograd.grad(yr, xs[1], g.double())
-    assert_close(gx, gxr, torch.float32, scale=sqrt_scale(300), name="grad_input")
+    (gx, gw), (gxr, gwr) = torch.autograd.grad(y, xs[0:1] + ws[0:1], g), torch.autograd.grad(yr, xs[1:] + ws[1:], g.double())
+    assert_close(gx, gxr, torch.float32, scale=sqrt_scale(N), name="grad_input")
+    assert gw.isnan().any() and torch.equal(gw.isnan(), gwr.isnan())
+    fin = gwr.isfinite()
+    assert_close(gw[fin], gwr[fin], torch.float32, scale=sqrt_scale(128), name="grad_weight")
+
+
+@needs_cpp
+@pytest.mark.parametrize("concurrent", ["1", "0"])
+def test_backward_gemms_concurrent_or_not(monkeypatch, concurrent):
+    """The two backward GEMMs, at the same time on two threads or one after the other: both match fp64."""
+    monkeypatch.setenv("GANKERN_LLR_BWD_CONCURRENT", concurrent)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check("cpp", (127, 300), 257, torch.float32, 0.2, True, True)
+        check("cpp", (3, 7, 129), 65, torch.float64, 0.01, True, False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

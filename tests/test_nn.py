@@ -122,8 +122,8 @@ def test_linear_leaky_relu_module_api():
 @pytest.mark.parametrize("in_shape,out_features,bias", [((7, 5), 3, True), ((2, 64, 300), 600, False),
                                                         ((128, 1024), 784, True)])
 def test_linear_matches_nn_linear(backend, dtype, in_shape, out_features, bias):
-    """gankern.nn.Linear == nn.Linear (fp64) for output and every gradient (the last two shapes take the
-    oneDNN GEMM path of the cpp backend in fp32)."""
+    """gankern.nn.Linear == nn.Linear (fp64) for output and every gradient (in fp32 on the cpp backend the
+    middle shape takes MKL with concurrent backward GEMMs, the last one oneDNN)."""
     if backend == "triton" and math.prod(in_shape) * out_features > 1 << 20:
         pytest.skip("too large for the Triton interpreter")
     K = in_shape[-1]

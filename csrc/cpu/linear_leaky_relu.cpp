@@ -44,9 +44,11 @@ using LinearPointwise = c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, c
                                                             const std::optional<at::Tensor>&, c10::string_view,
                                                             c10::List<std::optional<c10::Scalar>>,
                                                             std::optional<c10::string_view>)>;
-// Below ~8M multiply-adds oneDNN's per-call set-up (primitive cache lookup, memory descriptors,
-// ~10 us) costs more than it saves: MKL there.
-constexpr int64_t kOneDnnMinMacs = int64_t(1) << 23;
+// Below ~32M multiply-adds oneDNN's per-call set-up (primitive cache lookup, memory descriptors,
+// ~10 us) costs more than it saves, and MKL there runs the backward's two GEMMs at the same time
+// (see concurrent_bwd_gemms).  Measured fwd+bwd, 2 threads: 256x256->128 oneDNN 403 us, MKL 364 us;
+// 128x512->256 655 / 628 us; 256x512->256 (2^25) equal; 128x784->512 oneDNN 1653, MKL 1792 us.
+constexpr int64_t kOneDnnMinMacs = int64_t(1) << 25;
 
 const LinearPointwise* onednn_linear(int64_t M, int64_t N, int64_t K) {
   if (M <= 0 || N <= 0 || K <= 0 || M * N * K < kOneDnnMinMacs) return nullptr;
@@ -145,6 +147,19 @@ at::Tensor fwd_cpu(const at::Tensor& input, const at::Tensor& weight, const std:
   return out;
 }
 
+// Small GEMMs scale poorly over threads (128x256 @ 256x128: ~85 us on one thread, ~60 us on two),
+// so when the backward needs both dX and dW on MKL and they are small, the two run at the same
+// time, one per thread (MKL runs single-threaded inside a parallel region).  Each GEMM's result
+// does not depend on the thread count then.  GANKERN_LLR_BWD_CONCURRENT=0 turns this off (read
+// per call: A/B comparisons in one process).
+constexpr int64_t kConcurrentMaxMacs = kOneDnnMinMacs;
+
+bool concurrent_bwd_gemms(int64_t M, int64_t N, int64_t K) {
+  if (at::get_num_threads() < 2 || at::in_parallel_region() || M * N * K >= kConcurrentMaxMacs) return false;
+  const char* e = std::getenv("GANKERN_LLR_BWD_CONCURRENT");
+  return !(e != nullptr && std::strcmp(e, "0") == 0);
+}
+
 // dz[i, j] = g[i, j] * (s[i, j] > 0 ? 1 : slope); db[j] = sum_i dz[i, j] (if db != nullptr).
 // dz == nullptr (slope 1: dZ is dY itself): only the column sums.
 template <typename in_t, typename dz_t, typename acc_t>
@@ -214,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
     db.zero_();
   }
   if (mask[2] && half) gb.copy_(db);
-  if (mask[0]) {
+  auto gemm_dx = [&] {
     if (gx_op != nullptr) {
       gx = gx_op->call(dz, weight.t(), std::nullopt, "none", c10::List<std::optional<c10::Scalar>>(),
                         std::nullopt).view(input.sizes());
@@ -223,11 +238,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
       if (half) gx2.copy_(at::mm(dz, weight.to(at::kFloat)));
       else at::cpu::mm_out(gx2, dz, weight);
     }
-  }
-  if (mask[1]) {
+  };
+  auto gemm_dw = [&] {
     const at::Tensor x = half ? input.reshape({M, K}).to(at::kFloat) : input.reshape({M, K});
     if (half) gw.copy_(at::mm(dz.t(), x));
     else at::cpu::mm_out(gw, dz.t(), x);
+  };
+  if (mask[0] && mask[1] && !half && gx_op == nullptr && concurrent_bwd_gemms(M, N, K)) {
+    at::parallel_for(0, 2, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) i == 0 ? gemm_dx() : gemm_dw();
+    });
+  } else {
+    if (mask[0]) gemm_dx();
+    if (mask[1]) gemm_dw();
   }
   return {gx, gw, gb};
 }
