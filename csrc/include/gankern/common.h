@@ -52,8 +52,9 @@ inline at::Tensor poisoned(at::Tensor t) {
 //  * Blocks of 2 MiB or more are 2 MiB-aligned and advised MADV_HUGEPAGE (Linux transparent huge
 //    pages in "madvise" or "always" mode): a first touch costs ~32 faults per 64 MiB, not ~16K.
 //  * The cache holds at most GANKERN_CPU_CACHE_MB MiB (default 256; 0 disables it) of freed
-//    blocks and drops its oldest blocks when full; gankern.empty_cache() returns them all.  Reused blocks hold old data: every
-//    kernel writes its whole output (checked by the NaN-poisoning tests).
+//    blocks and drops its oldest blocks when full; gankern.empty_cache() returns them all.
+//  * Reused blocks hold old data: every kernel writes its whole output (checked by the
+//    NaN-poisoning tests).
 // Smaller outputs use torch's allocator.
 constexpr size_t kBlockMinBytes = size_t(256) << 10;
 constexpr size_t kHugePageBytes = size_t(2) << 20;
