@@ -66,7 +66,8 @@ def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
 
 
 class QualityMetric:
-    """Trains the feature classifier once; ``evaluate(samples)`` scores ``n`` generated samples."""
+    """Trains the feature classifier once; ``evaluate(samples)`` scores ``n_generate`` (``draws`` x ``n``)
+    generated samples."""
 
     def __init__(self, data: ImageData, *, seed: int = 0, steps: int | None = None, batch_size: int = 128,
                  max_eval: int = 10000, draws: int = 5, device="cpu"):

@@ -472,15 +472,17 @@ def train(cfg: TrainConfig, explicit: set | None = None) -> dict:
                        gankern_version=__version__, torch_version=str(torch.__version__)), f, indent=2)
 
     fixed_z_seed = cfg.seed + 7
-    sample_g = ema_model if ema_model is not None else G
     recal_at = [None]
 
     def ready_sample_g():
-        """The EMA generator with BatchNorm statistics for its current weights (recomputed once per step)."""
-        if ema_model is not None and recal_at[0] != step_fn.ema_updates():
+        """The generator samples come from: G, or the EMA generator with BatchNorm statistics for its
+        current weights (recomputed at most once per step)."""
+        if ema_model is None:
+            return G
+        if recal_at[0] != step_fn.ema_updates():
             recalibrate_batch_norm(ema_model, cfg.z_dim, device, BN_RECAL_SEED)
             recal_at[0] = step_fn.ema_updates()
-        return sample_g
+        return ema_model
 
     def save_ckpt(step):
         obj = {"format": CKPT_FORMAT, "format_version": CKPT_VERSION, "gankern_version": __version__,

@@ -95,15 +95,20 @@ def test_linear_leaky_relu_matches_torch(backend, dtype, case):
     _check_linear_grads(m, ref, x, x64, dtype)
 
 
-def test_linear_leaky_relu_module_api():
-    torch.manual_seed(3)
+def _same_init_as_nn_linear(cls, seed):
+    """cls(7, 5) and nn.Linear(7, 5) from the same seed: same init, parameters and state_dict keys."""
+    torch.manual_seed(seed)
     t = nn.Linear(7, 5)
-    torch.manual_seed(3)
-    m = gnn.LinearLeakyReLU(7, 5)
-    # same init as nn.Linear, same parameters, state_dict keys
+    torch.manual_seed(seed)
+    m = cls(7, 5)
     assert torch.equal(t.weight, m.weight) and torch.equal(t.bias, m.bias)
     assert list(m.state_dict()) == list(t.state_dict()) == ["weight", "bias"]
     assert [n for n, _ in m.named_parameters()] == ["weight", "bias"]
+    return t, m
+
+
+def test_linear_leaky_relu_module_api():
+    t, m = _same_init_as_nn_linear(gnn.LinearLeakyReLU, 3)
     assert repr(m) == "LinearLeakyReLU(in_features=7, out_features=5, bias=True, negative_slope=0.2)"
     assert "backend='cpp'" in repr(gnn.LinearLeakyReLU(2, 3, backend="cpp"))
     assert gnn.LinearLeakyReLU(2, 3, bias=False).bias is None
@@ -142,12 +147,7 @@ def test_linear_matches_nn_linear(backend, dtype, in_shape, out_features, bias):
 
 
 def test_linear_module_api():
-    torch.manual_seed(5)
-    t = nn.Linear(7, 5)
-    torch.manual_seed(5)
-    m = gnn.Linear(7, 5)
-    assert torch.equal(t.weight, m.weight) and torch.equal(t.bias, m.bias)
-    assert list(m.state_dict()) == list(t.state_dict()) == ["weight", "bias"]
+    t, m = _same_init_as_nn_linear(gnn.Linear, 5)
     assert m.negative_slope == 1.0
     assert repr(m) == "Linear(in_features=7, out_features=5, bias=True)"
     assert gnn.Linear(2, 3, bias=False).bias is None
