@@ -13,8 +13,15 @@ PYBIND11_MODULE(_C, mod) {
   mod.doc() = "gankern compiled kernels (CPU always; CUDA when built against a CUDA torch)";
 #ifdef GANKERN_WITH_CUDA
   mod.attr("with_cuda") = true;
+  mod.attr("cuda_archs") = GANKERN_CUDA_ARCHS_STR;
 #else
   mod.attr("with_cuda") = false;
+  mod.attr("cuda_archs") = "";
+#endif
+#ifdef GANKERN_CUDA_SKIP_REASON
+  mod.attr("cuda_skip_reason") = GANKERN_CUDA_SKIP_REASON;  // why the CUDA kernels were not built ("" if they were)
+#else
+  mod.attr("cuda_skip_reason") = "";
 #endif
   mod.def("_set_poison", [](bool on) { gankern::poison_flag() = on; },
           "Fill kernel outputs with NaN before writing them (tests only).");

@@ -65,8 +65,8 @@ def _reasons() -> dict:
     if ext is None:
         out["cuda"] = _ext_error
     elif not ext.with_cuda:
-        out["cuda"] = ("gankern._C was built without CUDA kernels "
-                       f"(torch {torch.__version__} is {'a CPU build' if torch.version.cuda is None else 'a CUDA build, but nvcc was not found at build time'})")
+        why = getattr(ext, "cuda_skip_reason", "") or "no reason recorded"
+        out["cuda"] = f"gankern._C was built without CUDA kernels ({why})"
     elif not torch.cuda.is_available():
         out["cuda"] = "no CUDA device is visible (torch.cuda.is_available() is False)"
     else:
