@@ -26,8 +26,9 @@ setup() {
   fi
   echo "[setup] building gankern (C++ extension, incremental)" >&2
   rm -f gankern/_C*.so   # a stale in-place development build would shadow the installed one
-  "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . >"$VENV/build.log" 2>&1 \
+  "$PY" -m pip install -v --disable-pip-version-check --no-build-isolation --no-deps -e . >"$VENV/build.log" 2>&1 \
     || { grep -v '^WARNING: Location' "$VENV/build.log" | tail -40 >&2; echo "[setup] build failed (log: $VENV/build.log)" >&2; exit 1; }
+  grep -E -- "-- gankern: " "$VENV/build.log" | sed 's/^ *-- /[setup] /' | sort -u >&2 || true
   "$PY" -c "import gankern._C" || { echo "[setup] building the extension failed" >&2; exit 1; }
 }
 

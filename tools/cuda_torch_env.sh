@@ -43,11 +43,14 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
 export PATH="$PATH:/usr/local/cuda/bin"
 say "building gankern for TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
 rm -f gankern/_C*.so
-if ! "$py" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps \
-     -C build-dir="$cache/build-$ver" -C cmake.define.GANKERN_NATIVE=ON -e . >"$cache/build-$ver.log" 2>&1; then
-  tail -40 "$cache/build-$ver.log" >&2; say "build failed (log: $cache/build-$ver.log)"; exit 1
+# one build folder per torch version and checkout (a CMake cache belongs to one source folder)
+bdir="$cache/build-$ver-$(pwd -P | cksum | cut -d' ' -f1)"
+blog="$bdir.log"
+if ! "$py" -m pip install -v --disable-pip-version-check --no-build-isolation --no-deps \
+     -C build-dir="$bdir" -e . >"$blog" 2>&1; then
+  tail -40 "$blog" >&2; say "build failed (log: $blog)"; exit 1
 fi
-grep -E "gankern: " "$cache/build-$ver.log" | sed 's/^ *-- */  /' >&2 || true
+grep -E "gankern: " "$blog" | sed 's/^ *-- */  /' >&2 || true
 "$py" -c "
 import gankern, gankern._C as C, sys
 if not C.with_cuda: sys.exit('gankern._C has no CUDA kernels: ' + C.cuda_skip_reason)
