@@ -76,10 +76,26 @@ def _reasons() -> dict:
     elif torch.cuda.is_available():
         out["triton"] = None
     elif _triton_interpret():
-        out["triton"] = None  # interpreter on CPU tensors
+        out["triton"] = _interpreter_problem()  # interpreter on CPU tensors
     else:
         out["triton"] = "no CUDA device, and TRITON_INTERPRET=1 is not set (needed to run Triton kernels on CPU tensors)"
     return out
+
+
+def _version(dist: str) -> tuple:
+    from importlib.metadata import version
+    try:
+        return tuple(int(p) for p in version(dist).split(".")[:2])
+    except Exception:  # not installed, or an unusual version string
+        return ()
+
+
+def _interpreter_problem() -> str | None:
+    """Known-broken combinations for Triton's interpreter (TRITON_INTERPRET=1 on CPU tensors)."""
+    if (3, 0) <= _version("triton") < (3, 7) and _version("numpy") >= (2, 4):
+        return ("Triton < 3.7's interpreter fails with numpy >= 2.4 (it converts 1-element arrays to Python "
+                "integers, which numpy 2.4 refuses): install numpy<2.4 or triton>=3.7 to run Triton kernels on CPU")
+    return None
 
 
 def backends() -> dict:
