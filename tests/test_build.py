@@ -64,3 +64,52 @@ def test_backends_say_why_cuda_is_missing():
         assert ext.cuda_skip_reason and ext.cuda_skip_reason in info["reason"]
         if torch.version.cuda is None:
             assert "CPU build" in info["reason"]
+
+
+# ---- the CMake configure step alone (seconds): what it decides about CUDA for the torch of this venv ----
+
+def _configure(tmp_path, env_extra=None, args=()):
+    import shutil
+    import subprocess
+    import sys
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake not installed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env.pop("TORCH_CUDA_ARCH_LIST", None)
+    env.pop("CUDACXX", None)
+    env.update(env_extra or {})
+    r = subprocess.run([cmake, "-S", root, "-B", str(tmp_path / "b"), f"-DPython_EXECUTABLE={sys.executable}", *args],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return [line.strip("- ") for line in r.stdout.splitlines() if "gankern: " in line]
+
+
+def _nvcc_dirs():
+    import shutil
+    found = shutil.which("nvcc")
+    dirs = {os.path.dirname(os.path.realpath(found)), os.path.dirname(found)} if found else set()
+    return dirs | {"/usr/local/cuda/bin"}
+
+
+def test_configure_without_nvcc_says_why(tmp_path):
+    """A CUDA torch with no nvcc anywhere -> CPU kernels and one line saying why (a CPU torch: 'CPU build')."""
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if p and not os.path.exists(os.path.join(p, "nvcc")))
+    lines = _configure(tmp_path, {"PATH": path, "CUDA_HOME": "", "CUDA_PATH": ""},
+                       ["-DGANKERN_NVCC_PATHS=/nonexistent"])
+    skipped = [line for line in lines if "CUDA kernels not built" in line]
+    assert len(skipped) == 1, lines
+    if torch.version.cuda is None:
+        assert "is a CPU build" in skipped[0]
+    else:
+        assert "nvcc was not found" in skipped[0]
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="needs a CUDA build of torch")
+def test_configure_honours_arch_list(tmp_path):
+    if not any(os.path.exists(os.path.join(d, "nvcc")) for d in _nvcc_dirs()):
+        pytest.skip("nvcc not installed")
+    lines = _configure(tmp_path, {"TORCH_CUDA_ARCH_LIST": "8.0 9.0+PTX"})
+    assert any("CUDA kernels for archs 80-real;90 " in line for line in lines), lines
