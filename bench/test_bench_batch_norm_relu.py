@@ -102,3 +102,47 @@ def test_floor_clone(benchmark, passes):
     record(benchmark, op=OP, impl="floor", shape=_label(BW_SHAPE, "contig"), dtype=torch.float32, passes=passes)
     benchmark.extra_info["bytes"] = 2 * x.numel() * 4
     benchmark(x.clone)
+
+
+# ----------------------------------------------------------------------------- BatchNorm + LeakyReLU
+# The DCGAN discriminator's blocks (Conv -> BatchNorm2d -> LeakyReLU(0.2)) at batch 64, 64x64 images,
+# and the MLP generator's Linear -> BatchNorm1d(eps=0.8) -> LeakyReLU(0.2), fwd+bwd in training.
+LEAKY_OP = "batch_norm_leaky_relu"
+LEAKY_CASES = [((64, 128, 16, 16), "contig"), ((64, 256, 8, 8), "contig"), ((64, 128, 16, 16), "cl"),
+               ((64, 256, 8, 8), "cl"), ((64, 512, 4, 4), "contig"), ((64, 256), "contig"), ((64, 1024), "contig")]
+
+
+def leaky_eager(x, rm, rv, w, b):
+    return F.leaky_relu(F.batch_norm(x, rm, rv, w, b, True, 0.1, 0.8 if x.dim() == 2 else 1e-5), 0.2)
+
+
+def leaky_ours(x, rm, rv, w, b):
+    return gankern.batch_norm_leaky_relu(x, rm, rv, w, b, True, 0.1, 0.8 if x.dim() == 2 else 1e-5, 0.2,
+                                         backend="cpp")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape,fmt", LEAKY_CASES, ids=[_label(*c) for c in LEAKY_CASES])
+def test_leaky_fwd_bwd(benchmark, impl, shape, fmt):
+    if impl.startswith("gankern") and not gankern.backends()["cpp"]["available"]:
+        pytest.skip("compiled extension not built")
+    x, rm, rv, w, b = _inputs(shape, fmt, True)
+    g = torch.randn_like(x)
+    if impl == "gankern:cpp":
+        fn = leaky_ours
+    elif impl == "eager":
+        fn = leaky_eager
+    else:
+        key = ("leaky", shape, fmt)
+        if key not in _compiled:
+            _compiled[key] = compiled(leaky_eager)
+        fn = _compiled[key]
+
+    def step():
+        y = fn(x, rm, rv, w, b)
+        return torch.autograd.grad(y, (x, w, b), g)
+
+    record(benchmark, op=LEAKY_OP, impl=impl, shape=_label(shape, fmt), dtype=torch.float32, passes="fwd+bwd")
+    benchmark.extra_info["bytes"] = 8 * x.numel() * 4
+    step()
+    benchmark(step)

@@ -1,10 +1,12 @@
-// gankern::batch_norm_relu: relu(batch_norm(input, running_mean, running_var, weight, bias,
-// training, momentum, eps)) fused.  Schemas, argument checks, and the C++ autograd shared by
+// gankern::batch_norm_relu: act(batch_norm(input, running_mean, running_var, weight, bias,
+// training, momentum, eps)) fused, act = relu for negative_slope == 0 (the default) and
+// leaky_relu(., negative_slope) for negative_slope > 0: one op for BatchNorm+ReLU and
+// BatchNorm+LeakyReLU (Python: gankern.batch_norm_relu / gankern.batch_norm_leaky_relu).  Schemas, argument checks, and the C++ autograd shared by
 // the CPU and CUDA kernels (csrc/cpu/batch_norm_relu.cpp, csrc/cuda/batch_norm_relu_glue.cpp).
 //
 // What the backward keeps: the input x (a reference, no copy), and the per-channel mean and
-// inverse std.  The ReLU mask is recomputed bit-exactly from x (same fma as the forward), so
-// the output y is not kept alive.  x is needed anyway: in training the input gradient at
+// inverse std.  The activation's mask is recomputed bit-exactly from x (same fma as the forward),
+// so the output y is not kept alive.  x is needed anyway: in training the input gradient at
 // positions where the ReLU is closed still depends on x_hat, which y (= 0 there) cannot give.
 #include <torch/library.h>
 #include <torch/autograd.h>
@@ -25,7 +27,8 @@ static std::string sizes_str(at::IntArrayRef s) {
 // Validates the arguments of batch_norm_relu (every backend kernel calls it first).
 void bnr_check_args(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
                     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
-                    const std::optional<at::Tensor>& bias, bool training, double momentum, double eps) {
+                    const std::optional<at::Tensor>& bias, bool training, double momentum, double eps,
+                    double negative_slope) {
   TORCH_CHECK(input.defined(), "batch_norm_relu: input must be a tensor");
   TORCH_CHECK(input.dim() >= 2, "batch_norm_relu: input must have at least 2 dimensions (N, C, ...), got a ",
               input.dim(), "-D tensor of shape ", input.sizes());
@@ -68,6 +71,8 @@ void bnr_check_args(const at::Tensor& input, const std::optional<at::Tensor>& ru
   }
   TORCH_CHECK(std::isfinite(momentum), "batch_norm_relu: momentum must be a finite float, got ", momentum);
   TORCH_CHECK(eps >= 0 && std::isfinite(eps), "batch_norm_relu: eps must be a finite float >= 0, got ", eps);
+  TORCH_CHECK_VALUE(negative_slope >= 0 && std::isfinite(negative_slope),
+                    "batch_norm_leaky_relu: negative_slope must be a finite float >= 0, got ", negative_slope);
 }
 
 namespace {
@@ -82,26 +87,27 @@ std::optional<at::Tensor> to_opt(const at::Tensor& t) {
 
 const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, double, double)>&
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, double, double, double)>&
 fwd_op() {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("gankern::_batch_norm_relu_fwd", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, double,
-                           double)>();
+                           double, double)>();
   return op;
 }
 
 const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    const at::Tensor&, const at::Tensor&, bool)>&
+    const at::Tensor&, const at::Tensor&, bool, double)>&
 bwd_op() {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("gankern::_batch_norm_relu_bwd", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, bool)>();
+                           const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, bool,
+                           double)>();
   return op;
 }
 
@@ -111,11 +117,14 @@ struct BatchNormReluFn : public torch::autograd::Function<BatchNormReluFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
                             const std::optional<at::Tensor>& running_mean,
                             const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
-                            const std::optional<at::Tensor>& bias, bool training, double momentum, double eps) {
+                            const std::optional<at::Tensor>& bias, bool training, double momentum, double eps,
+                            double negative_slope) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, mean, invstd] = fwd_op().call(input, running_mean, running_var, weight, bias, training, momentum, eps);
+    auto [y, mean, invstd] =
+        fwd_op().call(input, running_mean, running_var, weight, bias, training, momentum, eps, negative_slope);
     ctx->save_for_backward({input, opt(weight), opt(bias), mean, invstd});
     ctx->saved_data["training"] = training;
+    ctx->saved_data["negative_slope"] = negative_slope;
     return y;
   }
 
@@ -127,24 +136,29 @@ struct BatchNormReluFn : public torch::autograd::Function<BatchNormReluFn> {
     const at::Tensor &input = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3],
                      &invstd = saved[4];
     const bool training = ctx->saved_data["training"].toBool();
+    const double negative_slope = ctx->saved_data["negative_slope"].toDouble();
     at::Tensor go = grads[0];
     if (!go.defined()) go = at::zeros_like(input);
-    auto [gi, gw, gb] = bwd_op().call(go, input, to_opt(weight), to_opt(bias), mean, invstd, training);
+    auto [gi, gw, gb] = bwd_op().call(go, input, to_opt(weight), to_opt(bias), mean, invstd, training, negative_slope);
     return {gi, at::Tensor(), at::Tensor(), weight.defined() ? gw : at::Tensor(),
-            bias.defined() ? gb : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            bias.defined() ? gb : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor bnr_autograd(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
                         const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
-                        const std::optional<at::Tensor>& bias, bool training, double momentum, double eps) {
-  return BatchNormReluFn::apply(input, running_mean, running_var, weight, bias, training, momentum, eps);
+                        const std::optional<at::Tensor>& bias, bool training, double momentum, double eps,
+                        double negative_slope) {
+  return BatchNormReluFn::apply(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                negative_slope);
 }
 
 at::Tensor bnr_noautograd(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
                           const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
-                          const std::optional<at::Tensor>& bias, bool training, double momentum, double eps) {
-  return std::get<0>(fwd_op().call(input, running_mean, running_var, weight, bias, training, momentum, eps));
+                          const std::optional<at::Tensor>& bias, bool training, double momentum, double eps,
+                          double negative_slope) {
+  return std::get<0>(
+      fwd_op().call(input, running_mean, running_var, weight, bias, training, momentum, eps, negative_slope));
 }
 
 }  // namespace
@@ -152,13 +166,15 @@ at::Tensor bnr_noautograd(const at::Tensor& input, const std::optional<at::Tenso
 
 TORCH_LIBRARY_FRAGMENT(gankern, m) {
   m.def("batch_norm_relu(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? weight, "
-        "Tensor? bias, bool training, float momentum, float eps) -> Tensor");
+        "Tensor? bias, bool training, float momentum, float eps, float negative_slope=0.0) -> Tensor");
+  // negative_slope: 0 = ReLU (batch_norm_relu), > 0 = LeakyReLU (batch_norm_leaky_relu); defaulted so
+  // that calls written before the LeakyReLU variant keep working.
   // -> (output, save_mean, save_invstd); save_* are float32 (float64 for float64 input), shape (C,)
   m.def("_batch_norm_relu_fwd(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? weight, "
-        "Tensor? bias, bool training, float momentum, float eps) -> (Tensor, Tensor, Tensor)");
+        "Tensor? bias, bool training, float momentum, float eps, float negative_slope=0.0) -> (Tensor, Tensor, Tensor)");
   // -> (grad_input, grad_weight, grad_bias)
   m.def("_batch_norm_relu_bwd(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor save_mean, "
-        "Tensor save_invstd, bool training) -> (Tensor, Tensor, Tensor)");
+        "Tensor save_invstd, bool training, float negative_slope=0.0) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(gankern, Autograd, m) {

@@ -5,6 +5,7 @@ gankern module                         replaces                                 
 =====================================  =============================================  ==========================
 ``LinearLeakyReLU``                    ``nn.Linear`` -> ``nn.LeakyReLU``              ``gankern.linear_leaky_relu``
 ``BatchNormReLU1d`` / ``2d``           ``nn.BatchNorm1d/2d`` -> ``nn.ReLU``           ``gankern.batch_norm_relu``
+``BatchNormLeakyReLU1d`` / ``2d``      ``nn.BatchNorm1d/2d`` -> ``nn.LeakyReLU``      ``gankern.batch_norm_leaky_relu``
 ``BCEWithLogitsLoss``                  ``nn.BCEWithLogitsLoss``                       ``gankern.bce_with_logits``
 ``Linear``                             ``nn.Linear`` (no activation)                  ``gankern.linear_leaky_relu``
                                                                                       with ``negative_slope=1``
@@ -22,7 +23,7 @@ base): code that finds ``nn.Linear`` / ``_BatchNorm`` by ``isinstance`` and rewr
 drop the fused activation.
 
 Autocast mirrors torch: ``LinearLeakyReLU`` runs in the autocast dtype (like ``nn.Linear``);
-``BatchNormReLU*`` takes a reduced-precision input with float32 parameters/statistics, computes the
+``BatchNormReLU*`` / ``BatchNormLeakyReLU*`` take a reduced-precision input with float32 parameters/statistics, computes the
 statistics in float32 and returns the input's dtype (like ``nn.BatchNorm``); ``BCEWithLogitsLoss``
 runs in float32 (like ``F.binary_cross_entropy_with_logits``).
 """
@@ -37,11 +38,18 @@ from torch.nn.functional import _verify_batch_size
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.loss import _Loss
 
+import inspect
+
+from .ops.batch_norm_relu import batch_norm_leaky_relu as _batch_norm_leaky_relu
 from .ops.batch_norm_relu import batch_norm_relu as _batch_norm_relu
 from .ops.bce import bce_with_logits as _bce_with_logits
 from .ops.linear_leaky_relu import linear_leaky_relu as _linear_leaky_relu
 
-__all__ = ["LinearLeakyReLU", "Linear", "BatchNormReLU1d", "BatchNormReLU2d", "BCEWithLogitsLoss"]
+__all__ = ["LinearLeakyReLU", "Linear", "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormLeakyReLU1d",
+           "BatchNormLeakyReLU2d", "BCEWithLogitsLoss"]
+
+# torch >= 2.12 gives _NormBase (and nn.BatchNorm*) a keyword ``bias``; torch 2.11 has none.
+_NORMBASE_HAS_BIAS = "bias" in inspect.signature(_NormBase.__init__).parameters
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -127,15 +135,33 @@ class Linear(LinearLeakyReLU):
         return s
 
 
-class _BatchNormReLU(_NormBase):
-    """``relu(batch_norm(input))``; the forward mirrors ``torch.nn.modules.batchnorm._BatchNorm.forward``."""
+class _BatchNormAct(_NormBase):
+    """``act(batch_norm(input))``, act = relu (``negative_slope == 0``) or leaky_relu; the forward
+    mirrors ``torch.nn.modules.batchnorm._BatchNorm.forward``."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 backend: str | None = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
-                         bias=bias)
+                 negative_slope: float = 0.0, backend: str | None = None) -> None:
+        if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)) or \
+                not (math.isfinite(negative_slope) and negative_slope >= 0):
+            raise ValueError(f"batch_norm_leaky_relu: negative_slope must be a finite float >= 0, "
+                             f"got {negative_slope!r}")
+        if _NORMBASE_HAS_BIAS:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                             bias=bias)
+        else:  # torch 2.11: no ``bias`` keyword; bias=False is what torch >= 2.12 does (no bias Parameter)
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+            if affine and not bias:
+                self.bias = None
+        self.negative_slope = float(negative_slope)
         self.backend = backend
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:  # (bias may be None: bias=False)
+            init.ones_(self.weight)
+            if self.bias is not None:
+                init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -165,18 +191,61 @@ class _BatchNormReLU(_NormBase):
         # Mixed precision (autocast's reduced-precision activations, float32 module): like nn.BatchNorm,
         # statistics and normalisation in the parameters' float32, output in the input's dtype.
         ref = self.weight if self.weight is not None else self.running_mean
-        if ref is not None and input.dtype in _LOW and ref.dtype == torch.float32:
-            out = _batch_norm_relu(input.float(), running_mean, running_var, self.weight, self.bias, bn_training,
+        low = ref is not None and input.dtype in _LOW and ref.dtype == torch.float32
+        x = input.float() if low else input
+        if self.negative_slope == 0.0:
+            out = _batch_norm_relu(x, running_mean, running_var, self.weight, self.bias, bn_training,
                                    exponential_average_factor, self.eps, backend=self.backend)
-            return out.to(input.dtype)
-        return _batch_norm_relu(input, running_mean, running_var, self.weight, self.bias, bn_training,
-                                exponential_average_factor, self.eps, backend=self.backend)
+        else:
+            out = _batch_norm_leaky_relu(x, running_mean, running_var, self.weight, self.bias, bn_training,
+                                         exponential_average_factor, self.eps, self.negative_slope,
+                                         backend=self.backend)
+        return out.to(input.dtype) if low else out
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
+        if self.negative_slope != 0.0:
+            s += f", negative_slope={self.negative_slope}"
         if self.backend is not None:
             s += f", backend={self.backend!r}"
         return s
+
+
+class _BatchNormReLU(_BatchNormAct):
+    """``relu(batch_norm(input))``: the op with ``negative_slope = 0``."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 backend: str | None = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+                         negative_slope=0.0, backend=backend)
+
+
+class _BatchNormLeakyReLU(_BatchNormAct):
+    """``leaky_relu(batch_norm(input), negative_slope)``."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, negative_slope: float = 0.2, device=None, dtype=None, *,
+                 bias: bool = True, backend: str | None = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+                         negative_slope=negative_slope, backend=backend)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self.negative_slope == 0.0:  # the base class shows only non-zero slopes
+            s = s.replace(f"track_running_stats={self.track_running_stats}",
+                          f"track_running_stats={self.track_running_stats}, negative_slope=0.0", 1)
+        return s
+
+
+def _check_1d(input):
+    if input.dim() != 2 and input.dim() != 3:
+        raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+
+
+def _check_2d(input):
+    if input.dim() != 4:
+        raise ValueError(f"expected 4D input (got {input.dim()}D input)")
 
 
 class BatchNormReLU1d(_BatchNormReLU):
@@ -189,8 +258,7 @@ class BatchNormReLU1d(_BatchNormReLU):
     """
 
     def _check_input_dim(self, input):
-        if input.dim() != 2 and input.dim() != 3:
-            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+        _check_1d(input)
 
 
 class BatchNormReLU2d(_BatchNormReLU):
@@ -200,8 +268,32 @@ class BatchNormReLU2d(_BatchNormReLU):
     """
 
     def _check_input_dim(self, input):
-        if input.dim() != 4:
-            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+        _check_2d(input)
+
+
+class BatchNormLeakyReLU1d(_BatchNormLeakyReLU):
+    r"""``nn.BatchNorm1d`` followed by ``nn.LeakyReLU(negative_slope)``, fused.  Input ``(N, C)`` or ``(N, C, L)``.
+
+    ``BatchNormLeakyReLU1d(num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+    negative_slope=0.2, device=None, dtype=None, *, backend=None)``: nn.BatchNorm1d's arguments in its
+    order (eps and momentum kept exactly as given, e.g. ``BatchNormLeakyReLU1d(256, 0.8)`` is eps 0.8
+    as in ``nn.BatchNorm1d(256, 0.8)``), its parameters, buffers, initialisation and state_dict, plus
+    ``negative_slope >= 0`` (default 0.2, the GAN one; nn.LeakyReLU defaults to 0.01).
+    """
+
+    def _check_input_dim(self, input):
+        _check_1d(input)
+
+
+class BatchNormLeakyReLU2d(_BatchNormLeakyReLU):
+    r"""``nn.BatchNorm2d`` followed by ``nn.LeakyReLU(negative_slope)``, fused.  Input ``(N, C, H, W)``.
+
+    Arguments as :class:`BatchNormLeakyReLU1d`; parameters, buffers, initialisation, state_dict and
+    input checks as ``nn.BatchNorm2d``.
+    """
+
+    def _check_input_dim(self, input):
+        _check_2d(input)
 
 
 class BCEWithLogitsLoss(_Loss):

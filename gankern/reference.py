@@ -18,7 +18,24 @@ def bce_with_logits(input, target, weight=None, reduction="mean", pos_weight=Non
 def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, training=False,
                     momentum=0.1, eps=1e-5):
     """relu(batch_norm(...)); running stats updated in place in training mode, as torch does."""
-    return F.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))
+    return batch_norm_leaky_relu(input, running_mean, running_var, weight, bias, training, momentum, eps, 0.0)
+
+
+def batch_norm_leaky_relu(input, running_mean, running_var, weight=None, bias=None, training=False,
+                          momentum=0.1, eps=1e-5, negative_slope=0.2):
+    """leaky_relu(batch_norm(...), negative_slope); slope 0 is relu (-inf -> 0, as torch.relu).
+
+    No channels (C == 0): an empty output and empty gradients (torch's own batch_norm raises an
+    IndexError from its empty-input path when given weight / bias; that is no contract to copy).
+    """
+    if input.dim() >= 2 and input.shape[1] == 0:
+        out = F.batch_norm(input, running_mean, running_var, None, None, training, momentum, eps)
+        for p in (weight, bias):
+            if p is not None:
+                out = out + p.sum()  # keeps the graph: empty gradients of shape (0,)
+    else:
+        out = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return F.relu(out) if negative_slope == 0 else F.leaky_relu(out, negative_slope)
 
 
 def linear_leaky_relu(input, weight, bias=None, negative_slope=0.2):

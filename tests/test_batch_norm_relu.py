@@ -1,8 +1,12 @@
-"""gankern.batch_norm_relu == relu(F.batch_norm(...)) on every backend, against PyTorch in float64.
+"""gankern.batch_norm_relu == relu(F.batch_norm(...)) and gankern.batch_norm_leaky_relu ==
+leaky_relu(F.batch_norm(...), slope) (one op) on every backend, against PyTorch in float64.
 
 Covering set (not the full cross product): the cpp backend gets every layout x dtype x mode with
 odd sizes, Triton (interpreter) the same layouts at small sizes, reference a few; affine on/off,
-running stats on/off, momenta and zero-weight channels rotate through the cases.
+running stats on/off, momenta and zero-weight channels rotate through the cases; every test of the
+op runs for slope 0 (ReLU) and 0.2 (LeakyReLU).  Edge cases of issue 12 (no channels, empty batch,
+non-finite inputs in evaluation, parameter strides, argument types) are at the end; the random
+fuzz is tests/test_fuzz_batch_norm.py.
 """
 import itertools
 import math
@@ -16,6 +20,18 @@ from conftest import CPU_BACKENDS
 from tolerances import assert_close, sqrt_scale
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SLOPES = [0.0, 0.2]
+
+
+def op(backend, slope):
+    """The op under test: batch_norm_relu for slope 0 (its own entry point), else batch_norm_leaky_relu."""
+    if slope == 0.0:
+        return lambda *a: gankern.batch_norm_relu(*a, backend=backend)
+    return lambda *a: gankern.batch_norm_leaky_relu(*a, negative_slope=slope, backend=backend)
+
+
+def act(y, slope):
+    return F.relu(y) if slope == 0.0 else F.leaky_relu(y, slope)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -53,14 +69,14 @@ def clone_opt(t, **kw):
     return None if t is None else t.detach().clone().to(**kw)
 
 
-def run(fn, x, w, b, rm, rv, training, momentum, eps, grad, dtype64=None):
-    """Runs fn (a batch_norm_relu), returns (y, running_mean, running_var, dx, dw, db)."""
+def run(fn, x, w, b, rm, rv, training, momentum, eps, grad, dtype64=None, keep_strides=False):
+    """Runs fn (a batch_norm_relu), returns (y, running_mean, running_var, dx, dw, db).
+    keep_strides: x, w, b are passed as they are (views with their strides), not cloned."""
     kw = {} if dtype64 is None else dict(dtype=dtype64)
-    xi = x.detach().clone().to(**kw).requires_grad_()
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() and dtype64 is None:
-        pass
-    wi = clone_opt(w, **kw)
-    bi = clone_opt(b, **kw)
+    keep = keep_strides and dtype64 is None
+    xi = x.detach().requires_grad_() if keep else x.detach().clone().to(**kw).requires_grad_()
+    wi = w.detach() if keep and w is not None else clone_opt(w, **kw)
+    bi = b.detach() if keep and b is not None else clone_opt(b, **kw)
     if wi is not None:
         wi.requires_grad_()
     if bi is not None:
@@ -75,8 +91,8 @@ def run(fn, x, w, b, rm, rv, training, momentum, eps, grad, dtype64=None):
     return y, rmi, rvi, dx, dw, db
 
 
-def torch64(x, rm, rv, w, b, training, momentum, eps):
-    return F.relu(F.batch_norm(x, rm, rv, w, b, training, momentum, eps))
+def torch64(x, rm, rv, w, b, training, momentum, eps, slope=0.0):
+    return act(F.batch_norm(x, rm, rv, w, b, training, momentum, eps), slope)
 
 
 def no_kink_grad(grad, x, w, b, rm, rv, training, eps):
@@ -90,18 +106,17 @@ def no_kink_grad(grad, x, w, b, rm, rv, training, eps):
 
 
 def check_against_torch(backend, shape, fmt, dtype, training, momentum=0.1, affine=True, running=True,
-                        pdtype=None, zero_weight=False, eps=1e-5):
+                        pdtype=None, zero_weight=False, eps=1e-5, slope=0.0):
     pdtype = pdtype or (dtype if dtype == torch.float64 else torch.float32)
     x = make_input(shape, fmt, dtype)
     C = shape[1]
     w, b, rm, rv = make_params(C, dtype, pdtype, affine, running or not training, zero_weight=zero_weight)
     grad = no_kink_grad(torch.randn(shape).to(dtype), x, w, b, rm, rv, training, eps)
 
-    def ours(*a):
-        return gankern.batch_norm_relu(*a, backend=backend)
-
+    ours = op(backend, slope)
+    ref = lambda *a: torch64(*a, slope=slope)  # noqa: E731
     y, rm1, rv1, dx, dw, db = run(ours, x, w, b, rm, rv, training, momentum, eps, grad)
-    ye, rme, rve, dxe, dwe, dbe = run(torch64, x, w, b, rm, rv, training, momentum, eps, grad, torch.float64)
+    ye, rme, rve, dxe, dwe, dbe = run(ref, x, w, b, rm, rv, training, momentum, eps, grad, torch.float64)
     M = x.numel() // C
     assert_close(y, ye, dtype, name="output")
     if fmt == "cl":
@@ -144,22 +159,25 @@ def _variants():
 
 
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="compiled extension not built")
+@pytest.mark.parametrize("slope", SLOPES)
 @pytest.mark.parametrize("shape,fmt,dtype,training,affine,running,momentum,zero_w,pdtype", _variants())
-def test_cpp_matches_torch(shape, fmt, dtype, training, affine, running, momentum, zero_w, pdtype):
-    check_against_torch("cpp", shape, fmt, dtype, training, momentum, affine, running, pdtype, zero_w)
+def test_cpp_matches_torch(shape, fmt, dtype, training, affine, running, momentum, zero_w, pdtype, slope):
+    check_against_torch("cpp", shape, fmt, dtype, training, momentum, affine, running, pdtype, zero_w, slope=slope)
 
 
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="compiled extension not built")
+@pytest.mark.parametrize("slope", SLOPES)
 @pytest.mark.parametrize("shape,fmt", [((1000, 1000), "contig"), ((128, 64, 8, 8), "cl"), ((128, 64, 9, 9), "contig")])
-def test_cpp_large(shape, fmt):
-    check_against_torch("cpp", shape, fmt, torch.float32, True, 0.1, True, True)
+def test_cpp_large(shape, fmt, slope):
+    check_against_torch("cpp", shape, fmt, torch.float32, True, 0.1, True, True, slope=slope)
 
 
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="compiled extension not built")
+@pytest.mark.parametrize("slope", SLOPES + [1.7])
 @pytest.mark.parametrize("training", [True, False])
-def test_cpp_float64(training):
-    check_against_torch("cpp", (7, 5, 3), "contig", torch.float64, training)
-    check_against_torch("cpp", (9, 4), "contig", torch.float64, training)
+def test_cpp_float64(training, slope):
+    check_against_torch("cpp", (7, 5, 3), "contig", torch.float64, training, slope=slope)
+    check_against_torch("cpp", (9, 4), "contig", torch.float64, training, slope=slope)
 
 
 TRITON_CASES = [((3, 5), "contig"), ((16, 70), "contig"), ((7, 3, 6), "contig"), ((2, 3, 5, 7), "cl"),
@@ -167,19 +185,21 @@ TRITON_CASES = [((3, 5), "contig"), ((16, 70), "contig"), ((7, 3, 6), "contig"),
 
 
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton not available")
+@pytest.mark.parametrize("slope", SLOPES)
 @pytest.mark.parametrize("shape,fmt", TRITON_CASES)
 @pytest.mark.parametrize("dtype,training", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True),
                                             (torch.float16, False)])
-def test_triton_matches_torch(shape, fmt, dtype, training):
+def test_triton_matches_torch(shape, fmt, dtype, training, slope):
     i = len(shape) + shape[0]
     check_against_torch("triton", shape, fmt, dtype, training, momentum=(0.1, 0.5)[i % 2], affine=i % 3 != 0,
-                        running=True, pdtype=dtype if i % 2 else None, zero_weight=True)
+                        running=True, pdtype=dtype if i % 2 else None, zero_weight=True, slope=slope)
 
 
+@pytest.mark.parametrize("slope", SLOPES)
 @pytest.mark.parametrize("shape,fmt,dtype,training", [((5, 4), "contig", torch.float32, True),
                                                        ((3, 4, 5, 2), "cl", torch.bfloat16, False)])
-def test_reference_matches_torch(shape, fmt, dtype, training):
-    check_against_torch("reference", shape, fmt, dtype, training)
+def test_reference_matches_torch(shape, fmt, dtype, training, slope):
+    check_against_torch("reference", shape, fmt, dtype, training, slope=slope)
 
 
 def test_triton_rejects_float64():
@@ -190,10 +210,11 @@ def test_triton_rejects_float64():
 
 
 # ----------------------------------------------------------------------------- gradcheck, opcheck, compile
+@pytest.mark.parametrize("slope", SLOPES)
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shape", [(6, 4), (3, 2, 5)])
-def test_gradcheck_fp64(backend, training, shape):
+def test_gradcheck_fp64(backend, training, shape, slope):
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     C = shape[1]
     w = torch.randn(C, dtype=torch.float64, requires_grad=True)
@@ -201,25 +222,27 @@ def test_gradcheck_fp64(backend, training, shape):
     rm, rv = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
 
     def f(x, w, b):  # fresh running stats each call: the function must be pure for gradcheck
-        return gankern.batch_norm_relu(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5, backend=backend)
+        return op(backend, slope)(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5)
 
     assert torch.autograd.gradcheck(f, (x, w, b))
 
 
-def test_reference_double_backward():
+@pytest.mark.parametrize("slope", SLOPES)
+def test_reference_double_backward(slope):
     x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    f = lambda x, w: gankern.batch_norm_relu(x, None, None, w, None, True, backend="reference")  # noqa: E731
+    f = lambda x, w: op("reference", slope)(x, None, None, w, None, True)  # noqa: E731
     assert torch.autograd.gradgradcheck(f, (x, w))
 
 
+@pytest.mark.parametrize("slope", SLOPES)
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
-def test_double_backward_raises(backend):
+def test_double_backward_raises(backend, slope):
     x = torch.randn(6, 3, requires_grad=True)
-    y = gankern.batch_norm_relu(x, None, None, None, None, True, backend=backend)
+    y = op(backend, slope)(x, None, None, None, None, True)
     (g,) = torch.autograd.grad(y.sum(), x, create_graph=False)
     assert g.shape == x.shape
-    y = gankern.batch_norm_relu(x, None, None, None, None, True, backend=backend)
+    y = op(backend, slope)(x, None, None, None, None, True)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(y.sum(), x, create_graph=True)
 
@@ -233,32 +256,36 @@ def _opcheck_args(training, with_stats=True, affine=True):
 
 
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="compiled extension not built")
+@pytest.mark.parametrize("slope", SLOPES)
 @pytest.mark.parametrize("training,with_stats,affine", [(True, True, True), (False, True, True), (True, False, False)])
-def test_opcheck_cpp(training, with_stats, affine):
+def test_opcheck_cpp(training, with_stats, affine, slope):
     args = _opcheck_args(training, with_stats, affine)
-    torch.library.opcheck(torch.ops.gankern.batch_norm_relu.default, args)
+    torch.library.opcheck(torch.ops.gankern.batch_norm_relu.default, (*args, slope))
     x, rm, rv, w, b = args[:5]
     det = [None if t is None else t.detach() for t in (x, rm, rv, w, b)]
-    torch.library.opcheck(torch.ops.gankern._batch_norm_relu_fwd.default, (*det, training, 0.1, 1e-5))
-    y, mean, invstd = torch.ops.gankern._batch_norm_relu_fwd(*det, training, 0.1, 1e-5)
+    torch.library.opcheck(torch.ops.gankern._batch_norm_relu_fwd.default, (*det, training, 0.1, 1e-5, slope))
+    y, mean, invstd = torch.ops.gankern._batch_norm_relu_fwd(*det, training, 0.1, 1e-5, slope)
     torch.library.opcheck(torch.ops.gankern._batch_norm_relu_bwd.default,
-                          (torch.randn_like(y), det[0], det[3], det[4], mean, invstd, training))
+                          (torch.randn_like(y), det[0], det[3], det[4], mean, invstd, training, slope))
 
 
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton not available")
+@pytest.mark.parametrize("slope", SLOPES)
 @pytest.mark.parametrize("training", [True, False])
-def test_opcheck_triton(training):
+def test_opcheck_triton(training, slope):
     args = _opcheck_args(training)
-    torch.library.opcheck(torch.ops.gankern._batch_norm_relu_triton_fwd.default, args)
+    torch.library.opcheck(torch.ops.gankern._batch_norm_relu_triton_fwd.default, (*args, slope))
     x, rm, rv, w, b = [t.detach() for t in args[:5]]
-    y, mean, invstd, _, _ = torch.ops.gankern._batch_norm_relu_triton_fwd(x, rm, rv, w, b, training, 0.1, 1e-5)
+    y, mean, invstd, _, _ = torch.ops.gankern._batch_norm_relu_triton_fwd(x, rm, rv, w, b, training, 0.1, 1e-5,
+                                                                          slope)
     torch.library.opcheck(torch.ops.gankern._batch_norm_relu_triton_bwd.default,
-                          (torch.randn_like(y), x, w, b, mean, invstd, training))
+                          (torch.randn_like(y), x, w, b, mean, invstd, training, slope))
 
 
+@pytest.mark.parametrize("slope", SLOPES)
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
 @pytest.mark.parametrize("fmt", ["contig", "cl"])
-def test_torch_compile_fullgraph(backend, fmt):
+def test_torch_compile_fullgraph(backend, fmt, slope):
     torch._dynamo.reset()
     shape = (6, 5, 3, 2)
     x0 = make_input(shape, fmt, torch.float32)
@@ -266,7 +293,7 @@ def test_torch_compile_fullgraph(backend, fmt):
     b = torch.randn(5, requires_grad=True)
 
     def step(x, rm, rv):
-        y = gankern.batch_norm_relu(x, rm, rv, w, b, True, 0.1, 1e-5, backend=backend)
+        y = op(backend, slope)(x, rm, rv, w, b, True, 0.1, 1e-5)
         return (y * y).sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -325,16 +352,17 @@ def test_large_offset_small_spread(backend, shape, fmt):
     assert err <= 2 * err_torch + 1e-3, (err, err_torch)
 
 
-@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
-def test_nan_inf_like_torch(backend):
+@pytest.mark.parametrize("slope", SLOPES)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_inf_like_torch(backend, slope):
     x = torch.randn(9, 4, 3)
     x[2, 1, 0] = float("nan")
     x[4, 3, 1] = float("inf")
     for training in (True, False):
         rm, rv = torch.zeros(4), torch.ones(4)
         rme, rve = rm.double(), rv.double()
-        y = gankern.batch_norm_relu(x, rm, rv, None, None, training, backend=backend)
-        ye = torch64(x.double(), rme, rve, None, None, training, 0.1, 1e-5)
+        y = op(backend, slope)(x, rm, rv, None, None, training)
+        ye = torch64(x.double(), rme, rve, None, None, training, 0.1, 1e-5, slope)
         assert_close(y, ye, torch.float32)
         assert_close(rm, rme, torch.float32, name="running_mean")
         assert_close(rv, rve, torch.float32, name="running_var")
@@ -539,3 +567,376 @@ def test_gpu_cuda_opcheck_and_gradcheck():
     torch.library.opcheck(torch.ops.gankern.batch_norm_relu.default, (x, rm, rv, w, None, True, 0.1, 1e-5))
     f = lambda x, w: gankern.batch_norm_relu(x, rm.clone(), rv.clone(), w, None, True, backend="cuda")  # noqa
     assert torch.autograd.gradcheck(f, (x, w))
+
+
+# ----------------------------------------------------------------------------- issue 12: edge cases, one contract
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+import gankern.nn as gnn  # noqa: E402
+
+
+def run_isolated(code, timeout=300):
+    """Runs code in a fresh interpreter (same TRITON_INTERPRET): a crash (SIGFPE, SIGSEGV) is a failed
+    test, not a dead test run.  Returns the completed process."""
+    import os
+    env = dict(os.environ)
+    pre = "import os, torch, gankern, torch.nn.functional as F\n"
+    return subprocess.run([sys.executable, "-c", pre + textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_zero_channels(backend):
+    """C = 0 (was SIGFPE on cpp: 32 / C, i0 % C; ZeroDivisionError on Triton): an empty output like torch,
+    empty gradients and running stats, in train and eval, for every layout."""
+    p = run_isolated(f"""
+        for slope in (0.0, 0.2):
+            for shape in [(2, 0), (2, 0, 3), (2, 0, 3, 3), (0, 0, 2)]:
+                for training in (True, False):
+                    for affine in (False, True):
+                        x = torch.randn(shape, requires_grad=True)
+                        w = torch.randn(0, requires_grad=True) if affine else None
+                        b = torch.randn(0, requires_grad=True) if affine else None
+                        rm, rv = torch.zeros(0), torch.ones(0)
+                        y = gankern.batch_norm_leaky_relu(x, rm, rv, w, b, training, 0.1, 1e-5, slope,
+                                                          backend={backend!r})
+                        assert y.shape == x.shape, y.shape
+                        if not affine:
+                            ye = F.batch_norm(x, rm.clone(), rv.clone(), None, None, training)
+                            assert ye.shape == y.shape
+                        leaves = [t for t in (x, w, b) if t is not None]
+                        gs = torch.autograd.grad(y, leaves, torch.randn_like(y))
+                        assert [g.shape for g in gs] == [t.shape for t in leaves]
+            m = gnn_cls = gankern.nn.BatchNormLeakyReLU2d(0, negative_slope=slope, backend={backend!r})
+            assert m(torch.randn(2, 0, 4, 4)).shape == (2, 0, 4, 4)
+            m = gankern.nn.BatchNormReLU2d(0, backend={backend!r})
+            assert m(torch.randn(2, 0, 4, 4)).shape == (2, 0, 4, 4)
+        print("ok")
+    """)
+    assert p.returncode == 0 and "ok" in p.stdout, f"rc={p.returncode}\n{p.stdout}\n{p.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize("slope", SLOPES)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape,fmt", [((0, 3), "contig"), ((0, 3, 4), "contig"), ((2, 3, 0), "contig"),
+                                       ((0, 3, 2, 2), "contig"), ((0, 3, 2, 2), "cl")])
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch_like_torch(backend, shape, fmt, training, slope):
+    """N * spatial = 0: torch leaves the running stats unchanged (training) and gives zero weight / bias
+    gradients (was: NaN running stats and NaN weight.grad on cpp, a ValueError on Triton)."""
+    x = torch.randn(shape)
+    if fmt == "cl":
+        x = x.to(memory_format=torch.channels_last)
+    w, b = torch.randn(3), torch.randn(3)
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    grad = torch.randn(shape)
+    y, rm1, rv1, dx, dw, db = run(op(backend, slope), x, w, b, rm, rv, training, 0.1, 1e-5, grad)
+    ref = lambda *a: torch64(*a, slope=slope)  # noqa: E731
+    ye, rme, rve, dxe, dwe, dbe = run(ref, x, w, b, rm, rv, training, 0.1, 1e-5, grad, torch.float64)
+    assert y.shape == ye.shape and dx.shape == dxe.shape
+    assert torch.equal(rm1, rm) and torch.equal(rv1, rv), "running stats changed on an empty batch"
+    assert torch.equal(rme.float(), rm) and torch.equal(rve.float(), rv)
+    assert torch.equal(dw, torch.zeros(3)) and torch.equal(db, torch.zeros(3)), (dw, db)
+    assert torch.equal(dwe, torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_batch_module_keeps_stats(backend):
+    m = gnn.BatchNormLeakyReLU1d(4, backend=backend)
+    m.running_mean.uniform_()
+    rm = m.running_mean.clone()
+    m(torch.randn(0, 4)).sum().backward()
+    assert torch.equal(m.running_mean, rm) and torch.isfinite(m.running_var).all()
+    assert torch.equal(m.weight.grad, torch.zeros(4)) and torch.equal(m.bias.grad, torch.zeros(4))
+
+
+@pytest.mark.parametrize("slope", SLOPES)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape,fmt", [((6, 3), "contig"), ((4, 3, 5), "contig"), ((2, 3, 3, 4), "cl")])
+def test_eval_backward_nonfinite_like_torch(backend, shape, fmt, slope):
+    """Evaluation at +-inf / NaN inputs: the input gradient is g * weight * invstd (finite where torch's is);
+    was NaN from (x - mean) * 0 in the folded formula on cpp and Triton."""
+    x = torch.randn(shape)
+    flat = x.view(-1)
+    flat[0], flat[4], flat[7] = float("inf"), -float("inf"), float("nan")
+    if fmt == "cl":
+        x = x.to(memory_format=torch.channels_last)
+    w, b = torch.randn(3), torch.randn(3)
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    grad = torch.randn(shape)
+    y, _, _, dx, dw, db = run(op(backend, slope), x, w, b, rm, rv, False, 0.1, 1e-5, grad)
+    ref = lambda *a: torch64(*a, slope=slope)  # noqa: E731
+    ye, _, _, dxe, dwe, dbe = run(ref, x, w, b, rm, rv, False, 0.1, 1e-5, grad, torch.float64)
+    assert_close(y, ye, torch.float32)
+    assert_close(dx, dxe, torch.float32, name="grad_input")
+    assert_close(dw, dwe, torch.float32, scale=4, name="grad_weight")
+    assert_close(db, dbe, torch.float32, scale=4, name="grad_bias")
+
+
+@pytest.mark.parametrize("slope", SLOPES)
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
+@pytest.mark.parametrize("scale", [1e30, 1e-30, 3e36])
+def test_extreme_magnitudes_finite_like_torch(backend, scale, slope):
+    """Data of magnitude 1e30 (squared deviations beyond float32) gave NaN on Triton; torch fp32 is finite.
+    Output as close to the float64 result as torch's own fp32 kernel (+ the fp32 tolerance)."""
+    x = torch.randn(64, 4, 3) * scale
+    w, b = torch.randn(4), torch.randn(4)
+    g = torch.randn(64, 4, 3)
+    for training in (True, False):
+        rm, rv = torch.zeros(4), torch.full((4,), scale * scale if scale * scale < 1e38 else 1e38)
+        y, rm1, rv1, dx, dw, db = run(op(backend, slope), x, w, b, rm, rv, training, 0.1, 1e-5, g)
+        ref = lambda *a: torch64(*a, slope=slope)  # noqa: E731
+        yt, rmt, rvt, dxt, _, _ = run(ref, x, w, b, rm, rv, training, 0.1, 1e-5, g)  # torch fp32
+        ye, rme, rve, dxe, dwe, dbe = run(ref, x, w, b, rm, rv, training, 0.1, 1e-5, g, torch.float64)
+        for name, a, t in (("output", y, yt), ("grad_input", dx, dxt), ("running_mean", rm1, rmt)):
+            assert torch.isfinite(a).eq(torch.isfinite(t)).all(), f"{name}: finiteness differs from torch fp32"
+        err, err_t = (y.double() - ye).abs().max().item(), (yt.double() - ye).abs().max().item()
+        assert err <= 2 * err_t + 1e-3, (training, err, err_t)
+        err, err_t = (dx.double() - dxe).abs().max().item(), (dxt.double() - dxe).abs().max().item()
+        assert err <= 2 * err_t + 1e-3, (training, err, err_t)
+
+
+def _strided(kind, C, lo=0.0):
+    """A 1-D tensor of C values with unusual strides (a view of a fresh buffer)."""
+    if kind == "step":
+        return (torch.rand(2 * C) + lo)[::2]
+    if kind == "expanded":
+        return (torch.rand(1) + lo).expand(C)
+    if kind == "offset":
+        return (torch.rand(C + 3) + lo)[3:]
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("slope", SLOPES)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["step", "expanded", "offset"])
+@pytest.mark.parametrize("training", [True, False])
+def test_param_strides(backend, kind, training, slope):
+    """weight / bias / running stats with steps, zero strides, offsets (Triton read weight[c] as ptr + c:
+    torch.rand(6)[::2] gave 0.41 relative error)."""
+    C = 5
+    x = torch.randn(7, C, 3, requires_grad=True)
+    w, b = _strided(kind, C, 0.5).requires_grad_(), _strided(kind, C).requires_grad_()
+    rm, rv = _strided("step" if kind == "expanded" else kind, C), _strided("step" if kind == "expanded" else kind, C, 0.5)
+    d = dict(dtype=torch.float64)
+    x64, w64, b64 = [t.detach().to(**d).requires_grad_() for t in (x, w, b)]
+    rme, rve = rm.to(**d), rv.to(**d)
+    grad = torch.randn(7, C, 3)
+    y = op(backend, slope)(x, rm, rv, w, b, training, 0.1, 1e-5)
+    gs = torch.autograd.grad(y, (x, w, b), grad)
+    ye = torch64(x64, rme, rve, w64, b64, training, 0.1, 1e-5, slope)
+    ge = torch.autograd.grad(ye, (x64, w64, b64), grad.double())
+    assert_close(y, ye, torch.float32)
+    assert_close(rm, rme, torch.float32, name="running_mean")
+    assert_close(rv, rve, torch.float32, name="running_var")
+    for name, a, e in zip(("grad_input", "grad_weight", "grad_bias"), gs, ge):
+        assert_close(a, e, torch.float32, scale=8, name=name)
+
+
+@pytest.mark.parametrize("slope", SLOPES)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["expanded", "transposed", "sliced", "cl_sliced", "broadcast0"])
+def test_input_strides(backend, kind, slope):
+    """Inputs with any strides torch accepts: made contiguous first (or read in place), same numbers."""
+    if kind == "expanded":
+        x = torch.randn(1, 4, 5).expand(6, 4, 5)
+    elif kind == "transposed":
+        x = torch.randn(5, 4, 6).transpose(0, 2)
+    elif kind == "sliced":
+        x = torch.randn(9, 8, 4, 6)[::2, 1::2, :, ::3]
+    elif kind == "cl_sliced":
+        x = torch.randn(6, 4, 5, 7).to(memory_format=torch.channels_last)[:, :, 1:, ::2]
+    else:
+        x = torch.randn(4, 1).expand(4, 3)  # zero stride in C
+    C = x.shape[1]
+    w, b = torch.randn(C), torch.randn(C)
+    rm, rv = torch.randn(C), torch.rand(C) + 0.5
+    grad = torch.randn(x.shape).expand(x.shape) if kind != "broadcast0" else torch.randn(4, 1).expand(4, 3)
+    for training in (True, False):
+        y, rm1, rv1, dx, dw, db = run(op(backend, slope), x, w, b, rm, rv, training, 0.1, 1e-5, grad,
+                                      keep_strides=True)
+        ref = lambda *a: torch64(*a, slope=slope)  # noqa: E731
+        ye, rme, rve, dxe, dwe, dbe = run(ref, x, w, b, rm, rv, training, 0.1, 1e-5, grad, torch.float64)
+        if kind != "broadcast0" or not training:  # (broadcast0: constant channels, var 0 -> kinks everywhere)
+            assert_close(y, ye, torch.float32)
+            assert_close(dx, dxe, torch.float32, scale=4, name="grad_input")
+        assert_close(rm1, rme, torch.float32, name="running_mean")
+        assert_close(rv1, rve, torch.float32, name="running_var")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", ["running_mean", "running_var", "weight", "bias"])
+def test_non_tensor_argument_same_error_everywhere(backend, name):
+    """A Python list as a tensor argument: the C++ path's RuntimeError (the dispatcher's message) on every
+    backend (Triton raised AttributeError)."""
+    args = dict(running_mean=torch.zeros(2), running_var=torch.ones(2), weight=None, bias=None)
+    args[name] = [1.0, 2.0]
+    with pytest.raises(RuntimeError) as ei:
+        gankern.batch_norm_relu(torch.randn(4, 2), args["running_mean"], args["running_var"], args["weight"],
+                                args["bias"], True, backend=backend)
+    first = str(ei.value).splitlines()[0]
+    assert first == (f"gankern::batch_norm_relu() Expected a value of type 'Optional[Tensor]' for argument '{name}' "
+                     "but instead found type 'list'."), first
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("slope", [-0.1, -1e-30, float("nan"), float("inf")])
+def test_bad_negative_slope(backend, slope):
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="negative_slope must be a finite float >= 0"):
+        gankern.batch_norm_leaky_relu(x, None, None, None, None, True, negative_slope=slope, backend=backend)
+    with pytest.raises(ValueError, match="negative_slope"):
+        gnn.BatchNormLeakyReLU1d(3, negative_slope=slope, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+def test_params_on_meta_or_wrong_dtype_named(backend, training):
+    """Every tensor argument's device and dtype is checked with its name, on every backend (meta included)."""
+    x = torch.randn(4, 3)
+    base = dict(running_mean=torch.zeros(3), running_var=torch.ones(3), weight=torch.ones(3), bias=torch.zeros(3))
+    for name in base:
+        for bad, what in ((torch.ones(3, device="meta"), "device"), (torch.ones(3, dtype=torch.float64), "dtype")):
+            a = dict(base)
+            a[name] = bad
+            with pytest.raises(RuntimeError, match=f"{name} must (be on the input's device|have the input's dtype)"):
+                gankern.batch_norm_leaky_relu(x, a["running_mean"], a["running_var"], a["weight"], a["bias"],
+                                              training, backend=backend)
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="compiled extension not built")
+def test_fake_kernels_check_dtype_and_device():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.empty(4, 3)
+        w64 = torch.empty(3, dtype=torch.float64)
+        with pytest.raises(RuntimeError, match="weight must have the input's dtype"):
+            torch.ops.gankern._batch_norm_relu_fwd(x, None, None, w64, None, True, 0.1, 1e-5, 0.2)
+        with pytest.raises(ValueError, match="negative_slope"):
+            torch.ops.gankern._batch_norm_relu_fwd(x, None, None, None, None, True, 0.1, 1e-5, -1.0)
+    if "triton" in CPU_BACKENDS:
+        with FakeTensorMode():
+            x = torch.empty(4, 3)
+            with pytest.raises(RuntimeError, match="bias must have the input's dtype"):
+                torch.ops.gankern._batch_norm_relu_triton_fwd(x, None, None, None, torch.empty(3, dtype=torch.float64),
+                                                              True, 0.1, 1e-5, 0.2)
+
+
+@pytest.mark.parametrize("slope", SLOPES)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1)])
+def test_one_value_per_channel_training(backend, shape, slope):
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        op(backend, slope)(torch.randn(shape), None, None, None, None, True, 0.1, 1e-5)
+    # eval with one value is fine (as torch)
+    y = op(backend, slope)(torch.randn(shape), torch.zeros(3), torch.ones(3), None, None, False, 0.1, 1e-5)
+    assert y.shape == shape
+
+
+@pytest.mark.parametrize("slope", SLOPES)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 1), (2, 1, 1), (1, 1, 2), (2, 5, 1, 1), (1, 2, 1, 3)])
+def test_one_element_dims(backend, shape, slope):
+    for training in (True, False):
+        check_against_torch(backend, shape, "contig", torch.float32, training, slope=slope)
+
+
+# ----------------------------------------------------------------------------- BatchNorm + LeakyReLU specifics
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_leaky_slope_zero_is_relu(backend):
+    """negative_slope=0 is exactly the ReLU op (-inf -> 0, as torch.relu; leaky_relu(-inf, 0) would be NaN)."""
+    x = torch.randn(8, 3)
+    x[0, 0] = -float("inf")
+    rm, rv = torch.zeros(3), torch.ones(3)
+    a = gankern.batch_norm_leaky_relu(x, rm, rv, None, None, False, negative_slope=0.0, backend=backend)
+    b = gankern.batch_norm_relu(x, rm, rv, None, None, False, backend=backend)
+    assert torch.equal(a, b) and a[0, 0] == 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_leaky_default_slope(backend):
+    x = torch.randn(8, 3) - 5
+    y = gankern.batch_norm_leaky_relu(x, torch.zeros(3), torch.ones(3), backend=backend)
+    ye = F.leaky_relu(F.batch_norm(x.double(), torch.zeros(3).double(), torch.ones(3).double()), 0.2)
+    assert_close(y, ye, torch.float32)
+
+
+LEAKY_MODULES = [(gnn.BatchNormLeakyReLU1d, torch.nn.BatchNorm1d, (16, 6)),
+                 (gnn.BatchNormLeakyReLU1d, torch.nn.BatchNorm1d, (8, 6, 5)),
+                 (gnn.BatchNormLeakyReLU2d, torch.nn.BatchNorm2d, (4, 6, 3, 5))]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("cls,tcls,shape", LEAKY_MODULES)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_leaky_modules_match_torch(backend, cls, tcls, shape, momentum):
+    """Same parameters / buffers / init / state_dict as nn.BatchNorm*d, eps positional (the GAN collection's
+    BatchNorm1d(out, 0.8)), train and eval, outputs, gradients and running stats vs BatchNorm -> LeakyReLU."""
+    C = shape[1]
+    m = cls(C, 0.8, momentum, negative_slope=0.2, backend=backend)
+    t = tcls(C, 0.8, momentum)
+    assert m.eps == 0.8 and m.momentum == momentum and m.negative_slope == 0.2
+    assert [k for k in m.state_dict()] == [k for k in t.state_dict()]
+    for k, v in t.state_dict().items():
+        assert torch.equal(m.state_dict()[k], v), k
+    with torch.no_grad():
+        t.weight.uniform_(0.5, 1.5)
+        t.bias.uniform_(-0.5, 0.5)
+    m.load_state_dict(t.state_dict(), strict=True)
+    t_act = torch.nn.Sequential(t, torch.nn.LeakyReLU(0.2))
+    for training in (True, False, True):
+        m.train(training)
+        t_act.train(training)
+        x = (torch.randn(shape) * 2 + 1).requires_grad_()
+        y, ye = m(x), t_act(x)
+        assert_close(y, ye.double(), torch.float32)
+        g = torch.randn(shape)
+        gm = torch.autograd.grad(y, (x, m.weight, m.bias), g)
+        gt = torch.autograd.grad(ye, (x, t.weight, t.bias), g)
+        for a, e in zip(gm, gt):
+            assert_close(a, e.double(), torch.float32, scale=4)
+        for k in ("running_mean", "running_var", "num_batches_tracked"):
+            assert_close(getattr(m, k).double(), getattr(t, k).double(), torch.float32, name=k)
+    t2 = tcls(C, 0.8, momentum)
+    t2.load_state_dict(m.state_dict(), strict=True)
+    assert "negative_slope=0.2" in repr(m) and "0.8" in repr(m)
+
+
+def test_leaky_module_defaults_and_compile():
+    m = gnn.BatchNormLeakyReLU2d(5)
+    assert m.negative_slope == 0.2 and m.eps == 1e-5 and m.momentum == 0.1
+    m1 = gnn.BatchNormLeakyReLU1d(5, 1e-3, 0.3, True, True, 0.1)
+    assert (m1.eps, m1.momentum, m1.negative_slope) == (1e-3, 0.3, 0.1)
+    torch._dynamo.reset()
+    x = torch.randn(4, 5, 3, 3, requires_grad=True)
+    ref = gnn.BatchNormLeakyReLU2d(5)
+    ref.load_state_dict(m.state_dict())
+    y = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    ye = ref(x)
+    torch.testing.assert_close(y, ye)
+    torch.testing.assert_close(m.running_mean, ref.running_mean)
+
+
+def test_batchnorm_modules_bias_false_and_torch_without_bias_kwarg(monkeypatch):
+    """torch 2.11's _NormBase has no ``bias`` keyword (issue 11): the modules must not pass one there."""
+    import gankern.nn as mod
+    m = gnn.BatchNormReLU1d(4, bias=False)
+    assert m.bias is None and m.weight is not None
+    monkeypatch.setattr(mod, "_NORMBASE_HAS_BIAS", False)
+    real = mod._NormBase.__init__
+
+    def init_211(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None,
+                 dtype=None):  # torch 2.11's signature
+        real(self, num_features, eps, momentum, affine, track_running_stats, device, dtype)
+
+    monkeypatch.setattr(mod._NormBase, "__init__", init_211)
+    for cls in (gnn.BatchNormReLU1d, gnn.BatchNormLeakyReLU2d):
+        m = cls(4)
+        assert [k for k in m.state_dict()] == ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+        m = cls(4, bias=False)
+        assert m.bias is None and "bias" not in m.state_dict()
+        m.reset_parameters()
+        x = torch.randn(3, 4) if cls is gnn.BatchNormReLU1d else torch.randn(3, 4, 2, 2)
+        assert m(x).shape == x.shape

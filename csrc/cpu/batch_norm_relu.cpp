@@ -51,7 +51,8 @@ namespace gankern {
 
 void bnr_check_args(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
                     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
-                    const std::optional<at::Tensor>& bias, bool training, double momentum, double eps);
+                    const std::optional<at::Tensor>& bias, bool training, double momentum, double eps,
+                    double negative_slope);
 
 namespace {
 
@@ -165,6 +166,26 @@ inline V gate_v(const V& pre, const V& g) {
     return V(_mm256_and_pd(_mm256_cmp_pd(pre, _mm256_setzero_pd(), _CMP_NLE_UQ), g));
 #endif
   return V::blendv(g, V(0), pre <= V(0));
+}
+
+// The activation (bnr::act): LEAKY = false is relu_v; LEAKY: pre > 0 ? pre : pre * slope (NaN
+// propagates).  Its gradient (bnr::act_grad): gate_v, or pre > 0 ? g : g * slope.
+template <bool LEAKY, typename V>
+inline V act_v(const V& pre, const V& slope) {
+  if constexpr (LEAKY) return V::blendv(pre * slope, pre, pre > V(0));
+  else return relu_v(pre);
+}
+template <bool LEAKY, typename V>
+inline V act_grad_v(const V& pre, const V& g, const V& slope) {
+  if constexpr (LEAKY) return V::blendv(g * slope, g, pre > V(0));
+  else return gate_v(pre, g);
+}
+
+// f(std::bool_constant<B>) for a runtime bool.
+template <typename F>
+inline void with_bool(bool b, F&& f) {
+  if (b) f(std::true_type());
+  else f(std::false_type());
 }
 
 // Calls f(std::integral_constant<int, K>, std::bool_constant<TAIL>, c, n) over the columns
@@ -776,12 +797,13 @@ void stats_planar(const T* x, int64_t N, int64_t C, int64_t S, double* mean_out,
 // ------------------------------------------------------------------ y = relu(x * scale + shift)
 // Rows [rb, re) x columns [c0, c1) of the rows layout.  Plain value parameters: nothing the stores
 // could alias.
-template <typename T>
+template <typename T, bool LEAKY>
 void normalize_block(const T* __restrict x, T* __restrict y, int64_t C, int64_t rb, int64_t re, int64_t c0,
                      int64_t c1, const typename VecIO<T>::acc_t* __restrict scale,
-                     const typename VecIO<T>::acc_t* __restrict shift, bool cached) {
+                     const typename VecIO<T>::acc_t* __restrict shift, bool cached, typename VecIO<T>::acc_t slope) {
   using IO = VecIO<T>;
   using V = typename IO::V;
+  const V sl(slope);
   constexpr int64_t W = IO::W;
   constexpr int KN = kVecRegs >= 32 ? 4 : 2;
   const int64_t R = ew_rows(C, sizeof(T), cached);
@@ -799,19 +821,20 @@ void normalize_block(const T* __restrict x, T* __restrict y, int64_t C, int64_t 
       T* py = y + r0 * C + c;
       for (int64_t r = 0; r < nr; ++r, px += C, py += C)
         for (int k = 0; k < K; ++k)
-          IO::template st<TAIL>(py + k * W, relu_v(fma_v(IO::template ld<TAIL>(px + k * W, nl), sc[k], sf[k])),
-                                nl);
+          IO::template st<TAIL>(
+              py + k * W, act_v<LEAKY>(fma_v(IO::template ld<TAIL>(px + k * W, nl), sc[k], sf[k]), sl), nl);
     });
   }
 }
 
 // Segments [i0, i1) of the planar layout (segment i = (n, c) with c = i % C).
-template <typename T>
+template <typename T, bool LEAKY>
 void normalize_planar(const T* __restrict x, T* __restrict y, int64_t C, int64_t S, int64_t i0, int64_t i1,
                       const typename VecIO<T>::acc_t* __restrict scale,
-                      const typename VecIO<T>::acc_t* __restrict shift) {
+                      const typename VecIO<T>::acc_t* __restrict shift, typename VecIO<T>::acc_t slope) {
   using IO = VecIO<T>;
   using V = typename IO::V;
+  const V sl(slope);
   constexpr int64_t W = IO::W;
   int64_t c = i0 % C;
   for (int64_t i = i0; i < i1; ++i) {
@@ -819,8 +842,8 @@ void normalize_planar(const T* __restrict x, T* __restrict y, int64_t C, int64_t
     const T* px = x + i * S;
     T* py = y + i * S;
     int64_t s = 0;
-    for (; s + W <= S; s += W) IO::store(py + s, relu_v(fma_v(IO::load(px + s), sc, sf)));
-    if (s < S) IO::store(py + s, relu_v(fma_v(IO::load(px + s, S - s), sc, sf)), S - s);
+    for (; s + W <= S; s += W) IO::store(py + s, act_v<LEAKY>(fma_v(IO::load(px + s), sc, sf), sl));
+    if (s < S) IO::store(py + s, act_v<LEAKY>(fma_v(IO::load(px + s, S - s), sc, sf), sl), S - s);
     if (++c == C) c = 0;
   }
 }
@@ -856,12 +879,13 @@ inline void running_range(double* __restrict running, const double* __restrict s
   for (int64_t j = 0; j < n; ++j) running[j] = bnr::running_update(running[j], stat[j] * factor, momentum);
 }
 
-template <typename T>
+template <typename T, bool LEAKY>
 void fwd_impl(const at::Tensor& xt, at::Tensor& yt, const Shape& sh, const std::optional<at::Tensor>& running_mean,
               const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
               const std::optional<at::Tensor>& bias, bool training, double momentum, double eps,
-              at::Tensor& save_mean, at::Tensor& save_invstd) {
+              at::Tensor& save_mean, at::Tensor& save_invstd, double negative_slope) {
   using acc_t = at::opmath_type<T>;
+  const acc_t slope = static_cast<acc_t>(negative_slope);
   const int64_t C = sh.C, M = sh.M(), S = sh.S;
   const T* x = xt.const_data_ptr<T>();
   T* y = yt.mutable_data_ptr<T>();
@@ -909,22 +933,24 @@ void fwd_impl(const at::Tensor& xt, at::Tensor& yt, const Shape& sh, const std::
       write_param(*running_var, c0, c1, psum);
     }
   };
-  if (!training || M == 0) {
-    if (training) {  // no data: NaN statistics
-      std::fill(pmean, pmean + C, std::numeric_limits<double>::quiet_NaN());
-      std::fill(pm2, pm2 + C, std::numeric_limits<double>::quiet_NaN());
-      std::fill(psum, psum + C, 0.0);
-    }
+  if (training && M == 0) {
+    // No data (as torch): the running statistics stay as they are, the output is empty; saved
+    // mean 0 and inverse std 0 (the backward then gives zero weight / bias gradients).
+    std::fill(mean, mean + C, acc_t(0));
+    std::fill(invstd, invstd + C, acc_t(0));
+    return;
+  }
+  if (!training) {
     finish(0, C);
     if (M == 0) return;
-    if (rows) run_rows(M, C, [=](int64_t r0, int64_t r1) { normalize_block<T>(x, y, C, r0, r1, 0, C, scale, shift, false); });
-    else run_rows(sh.N * C, S, [=](int64_t i0, int64_t i1) { normalize_planar<T>(x, y, C, S, i0, i1, scale, shift); });
+    if (rows) run_rows(M, C, [=](int64_t r0, int64_t r1) { normalize_block<T, LEAKY>(x, y, C, r0, r1, 0, C, scale, shift, false, slope); });
+    else run_rows(sh.N * C, S, [=](int64_t i0, int64_t i1) { normalize_planar<T, LEAKY>(x, y, C, S, i0, i1, scale, shift, slope); });
     return;
   }
   if (!rows) {
     stats_planar<T>(x, sh.N, C, S, pmean, pm2, psum);
     finish(0, C);
-    run_rows(sh.N * C, S, [=](int64_t i0, int64_t i1) { normalize_planar<T>(x, y, C, S, i0, i1, scale, shift); });
+    run_rows(sh.N * C, S, [=](int64_t i0, int64_t i1) { normalize_planar<T, LEAKY>(x, y, C, S, i0, i1, scale, shift, slope); });
     return;
   }
   if (P.fused) {
@@ -933,7 +959,7 @@ void fwd_impl(const at::Tensor& xt, at::Tensor& yt, const Shape& sh, const std::
         const int64_t c0 = P.c0(t), c1 = P.c1(t);
         stats_rows_task<T>(x, C, 0, M, c0, c1, pmean, pm2, psum, nullptr);
         finish(c0, c1);
-        normalize_block<T>(x, y, C, 0, M, c0, c1, scale, shift, true);
+        normalize_block<T, LEAKY>(x, y, C, 0, M, c0, c1, scale, shift, true, slope);
       }
     });
   } else {
@@ -950,7 +976,7 @@ void fwd_impl(const at::Tensor& xt, at::Tensor& yt, const Shape& sh, const std::
     merge_groups(P, pmean, pm2, psum);
     finish(0, C);
     run_tasks(P.ntasks(), M * C, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) normalize_block<T>(x, y, C, P.r0(t), P.r1(t), P.c0(t), P.c1(t), scale, shift, false);
+      for (int64_t t = t0; t < t1; ++t) normalize_block<T, LEAKY>(x, y, C, P.r0(t), P.r1(t), P.c0(t), P.c1(t), scale, shift, false, slope);
     });
   }
 }
@@ -958,8 +984,8 @@ void fwd_impl(const at::Tensor& xt, at::Tensor& yt, const Shape& sh, const std::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_fwd_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, bool training, double momentum, double eps) {
-  bnr_check_args(input, running_mean, running_var, weight, bias, training, momentum, eps);
+    const std::optional<at::Tensor>& bias, bool training, double momentum, double eps, double negative_slope) {
+  bnr_check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, negative_slope);
   TORCH_CHECK(input.device().is_cpu(), "batch_norm_relu (cpu kernel): input must be a CPU tensor");
   Shape sh;
   at::Tensor x = prepare(input, sh);
@@ -967,9 +993,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_fwd_cpu(
   const auto acc_dt = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor save_mean = new_empty({sh.C}, x.options().dtype(acc_dt));
   at::Tensor save_invstd = new_empty({sh.C}, x.options().dtype(acc_dt));
+  if (sh.C == 0) return {y, save_mean, save_invstd};  // no channels: nothing to compute (no division by C)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_relu_fwd_cpu", [&] {
-    fwd_impl<scalar_t>(x, y, sh, running_mean, running_var, weight, bias, training, momentum, eps, save_mean,
-                       save_invstd);
+    with_bool(negative_slope != 0.0, [&](auto L) {
+      fwd_impl<scalar_t, decltype(L)::value>(x, y, sh, running_mean, running_var, weight, bias, training, momentum,
+                                             eps, save_mean, save_invstd, negative_slope);
+    });
   });
   return {y, save_mean, save_invstd};
 }
@@ -982,14 +1011,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_fwd_cpu(
 // Sums over rows [r_begin, r_end) x columns [c0, c1), outputs indexed by channel: sweeps of
 // kSweepRows rows over the block (each row read sequentially), float partial sums kept in L1
 // between sweeps, added in double once per tile.
-template <typename T>
+template <typename T, bool LEAKY>
 void bwd_sums_task(const T* __restrict dy, const T* __restrict x, int64_t C, int64_t r_begin, int64_t r_end,
                    int64_t c0, int64_t c1, const typename VecIO<T>::acc_t* __restrict mean,
                    const typename VecIO<T>::acc_t* __restrict scale, const typename VecIO<T>::acc_t* __restrict shift,
-                   double* __restrict p1, double* __restrict p2) {
+                   double* __restrict p1, double* __restrict p2, typename VecIO<T>::acc_t slope) {
   using IO = VecIO<T>;
   using acc_t = typename IO::acc_t;
   using V = typename IO::V;
+  const V sl(slope);
   constexpr int64_t W = IO::W;
   constexpr int KB = kVecRegs >= 32 ? 2 : 1;
   const int64_t nc = c1 - c0;
@@ -1016,7 +1046,7 @@ void bwd_sums_task(const T* __restrict dy, const T* __restrict x, int64_t C, int
         for (int64_t r = 0; r < nr; ++r, px += C, pg += C) {
           for (int k = 0; k < K; ++k) {
             const V xv = IO::template ld<TAIL>(px + k * W, nl);
-            const V g = gate_v(fma_v(xv, sc[k], sf[k]), IO::template ld<TAIL>(pg + k * W, nl));
+            const V g = act_grad_v<LEAKY>(fma_v(xv, sc[k], sf[k]), IO::template ld<TAIL>(pg + k * W, nl), sl);
             s1[k] = s1[k] + g;
             s2[k] = fma_v(g, xv - mv[k], s2[k]);
           }
@@ -1044,13 +1074,14 @@ void bwd_sums_task(const T* __restrict dy, const T* __restrict x, int64_t C, int
 }
 
 // Planar layout: a task is (channel, group of n).
-template <typename T>
+template <typename T, bool LEAKY>
 void bwd_sums_planar(const T* dy, const T* x, int64_t N, int64_t C, int64_t S, const typename VecIO<T>::acc_t* mean,
                      const typename VecIO<T>::acc_t* scale, const typename VecIO<T>::acc_t* shift, double* sg,
-                     double* sgd) {
+                     double* sgd, typename VecIO<T>::acc_t slope) {
   using IO = VecIO<T>;
   using acc_t = typename IO::acc_t;
   using V = typename IO::V;
+  const V sl(slope);
   constexpr int64_t W = IO::W;
   const int64_t g = std::max<int64_t>(1, std::min<int64_t>(N, 2048 / S));
   const int64_t ntiles = (N + g - 1) / g;
@@ -1075,13 +1106,13 @@ void bwd_sums_planar(const T* dy, const T* x, int64_t N, int64_t C, int64_t S, c
           int64_t s = 0;
           for (; s + W <= S; s += W) {
             const V xv = IO::load(px + s);
-            const V gv = gate_v(fma_v(xv, sc, sf), IO::load(pg + s));
+            const V gv = act_grad_v<LEAKY>(fma_v(xv, sc, sf), IO::load(pg + s), sl);
             s1 = s1 + gv;
             s2 = fma_v(gv, xv - mv, s2);
           }
           if (s < S) {  // missing lanes load as 0: dy = 0 there, so g = 0
             const V xv = IO::load(px + s, S - s);
-            const V gv = gate_v(fma_v(xv, sc, sf), IO::load(pg + s, S - s));
+            const V gv = act_grad_v<LEAKY>(fma_v(xv, sc, sf), IO::load(pg + s, S - s), sl);
             s1 = s1 + gv;
             s2 = fma_v(gv, xv - mv, s2);
           }
@@ -1104,21 +1135,25 @@ void bwd_sums_planar(const T* dy, const T* x, int64_t N, int64_t C, int64_t S, c
   }
 }
 
-template <typename V>
+// TRAIN: dx = g * k1 + (x - mean) * k3 + k2; evaluation: dx = g * k1 only (k2 = k3 = 0 there, and
+// (x - mean) * 0 would turn an infinite x into a NaN gradient where torch's is finite).
+template <bool LEAKY, bool TRAIN, typename V>
 inline V dx_one(const V& xv, const V& gv, const V& mv, const V& sc, const V& sf, const V& a1, const V& a2,
-                const V& a3) {
-  const V g = gate_v(fma_v(xv, sc, sf), gv);
-  return fma_v(g, a1, fma_v(xv - mv, a3, a2));
+                const V& a3, const V& sl) {
+  const V g = act_grad_v<LEAKY>(fma_v(xv, sc, sf), gv, sl);
+  if constexpr (TRAIN) return fma_v(g, a1, fma_v(xv - mv, a3, a2));
+  else return g * a1;
 }
 
-template <typename T>
+template <typename T, bool LEAKY, bool TRAIN>
 void dx_block(const T* __restrict dy, const T* __restrict x, T* __restrict dx, int64_t C, int64_t rb, int64_t re,
               int64_t c0, int64_t c1, const typename VecIO<T>::acc_t* __restrict mean,
               const typename VecIO<T>::acc_t* __restrict scale, const typename VecIO<T>::acc_t* __restrict shift,
               const typename VecIO<T>::acc_t* __restrict k1, const typename VecIO<T>::acc_t* __restrict k2,
-              const typename VecIO<T>::acc_t* __restrict k3, bool cached) {
+              const typename VecIO<T>::acc_t* __restrict k3, bool cached, typename VecIO<T>::acc_t slope) {
   using IO = VecIO<T>;
   using V = typename IO::V;
+  const V sl(slope);
   constexpr int64_t W = IO::W;
   constexpr int KD = kVecRegs >= 32 ? 2 : 1;
   const int64_t R = ew_rows(C, sizeof(T), cached);
@@ -1142,21 +1177,23 @@ void dx_block(const T* __restrict dy, const T* __restrict x, T* __restrict dx, i
       for (int64_t r = 0; r < nr; ++r, px += C, pg += C, pd += C)
         for (int k = 0; k < K; ++k)
           IO::template st<TAIL>(pd + k * W,
-                                dx_one(IO::template ld<TAIL>(px + k * W, nl), IO::template ld<TAIL>(pg + k * W, nl),
-                                       mv[k], sc[k], sf[k], a1[k], a2[k], a3[k]),
+                                dx_one<LEAKY, TRAIN>(IO::template ld<TAIL>(px + k * W, nl),
+                                                     IO::template ld<TAIL>(pg + k * W, nl), mv[k], sc[k], sf[k],
+                                                     a1[k], a2[k], a3[k], sl),
                                 nl);
     });
   }
 }
 
-template <typename T>
+template <typename T, bool LEAKY, bool TRAIN>
 void dx_planar(const T* __restrict dy, const T* __restrict x, T* __restrict dx, int64_t C, int64_t S, int64_t i0,
                int64_t i1, const typename VecIO<T>::acc_t* __restrict mean,
                const typename VecIO<T>::acc_t* __restrict scale, const typename VecIO<T>::acc_t* __restrict shift,
                const typename VecIO<T>::acc_t* __restrict k1, const typename VecIO<T>::acc_t* __restrict k2,
-               const typename VecIO<T>::acc_t* __restrict k3) {
+               const typename VecIO<T>::acc_t* __restrict k3, typename VecIO<T>::acc_t slope) {
   using IO = VecIO<T>;
   using V = typename IO::V;
+  const V sl(slope);
   constexpr int64_t W = IO::W;
   int64_t c = i0 % C;
   for (int64_t i = i0; i < i1; ++i, c = c + 1 == C ? 0 : c + 1) {
@@ -1165,9 +1202,12 @@ void dx_planar(const T* __restrict dy, const T* __restrict x, T* __restrict dx, 
     const T* pg = dy + i * S;
     T* pd = dx + i * S;
     int64_t s = 0;
-    for (; s + W <= S; s += W) IO::store(pd + s, dx_one(IO::load(px + s), IO::load(pg + s), mv, sc, sf, a1, a2, a3));
+    for (; s + W <= S; s += W)
+      IO::store(pd + s, dx_one<LEAKY, TRAIN>(IO::load(px + s), IO::load(pg + s), mv, sc, sf, a1, a2, a3, sl));
     if (s < S)
-      IO::store(pd + s, dx_one(IO::load(px + s, S - s), IO::load(pg + s, S - s), mv, sc, sf, a1, a2, a3), S - s);
+      IO::store(pd + s,
+                dx_one<LEAKY, TRAIN>(IO::load(px + s, S - s), IO::load(pg + s, S - s), mv, sc, sf, a1, a2, a3, sl),
+                S - s);
   }
 }
 
@@ -1187,12 +1227,14 @@ inline void bwd_coef(const double* __restrict sg, const double* __restrict sgd, 
   }
 }
 
-template <typename T>
+template <typename T, bool LEAKY, bool TRAIN>
 void bwd_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt, const Shape& sh,
               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-              const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, at::Tensor& gw,
-              at::Tensor& gb) {
+              const at::Tensor& save_mean, const at::Tensor& save_invstd, at::Tensor& gw, at::Tensor& gb,
+              double negative_slope) {
   using acc_t = at::opmath_type<T>;
+  constexpr bool training = TRAIN;
+  const acc_t slope = static_cast<acc_t>(negative_slope);
   const int64_t C = sh.C, M = sh.M(), S = sh.S;
   const T* x = xt.const_data_ptr<T>();
   const T* dy = dyt.const_data_ptr<T>();
@@ -1226,30 +1268,30 @@ void bwd_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt, cons
     bwd_coef<acc_t>(p1 + c0, p2 + c0, invstd + c0, w + c0, dw + c0, k1 + c0, k2 + c0, k3 + c0, c1 - c0, training,
                     inv_M);
   };
-  if (M == 0) {
+  if (M == 0) {  // no data: zero gradients (as torch), whatever the saved statistics
     std::fill(p1, p1 + C, 0.0);
-    std::fill(p2, p2 + C, 0.0);
-    coef(0, C);
+    std::fill(dw, dw + C, 0.0);
   } else if (!rows) {
-    bwd_sums_planar<T>(dy, x, sh.N, C, S, mean, scale, shift, p1, p2);
+    bwd_sums_planar<T, LEAKY>(dy, x, sh.N, C, S, mean, scale, shift, p1, p2, slope);
     coef(0, C);
     run_rows(sh.N * C, S, [=](int64_t i0, int64_t i1) {
-      dx_planar<T>(dy, x, dx, C, S, i0, i1, mean, scale, shift, k1, k2, k3);
+      dx_planar<T, LEAKY, TRAIN>(dy, x, dx, C, S, i0, i1, mean, scale, shift, k1, k2, k3, slope);
     });
   } else if (P.fused) {
     run_tasks(P.ntasks(), M * C, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t c0 = P.c0(t), c1 = P.c1(t);
-        bwd_sums_task<T>(dy, x, C, 0, M, c0, c1, mean, scale, shift, p1, p2);
+        bwd_sums_task<T, LEAKY>(dy, x, C, 0, M, c0, c1, mean, scale, shift, p1, p2, slope);
         coef(c0, c1);
-        dx_block<T>(dy, x, dx, C, 0, M, c0, c1, mean, scale, shift, k1, k2, k3, true);
+        dx_block<T, LEAKY, TRAIN>(dy, x, dx, C, 0, M, c0, c1, mean, scale, shift, k1, k2, k3, true, slope);
       }
     });
   } else {
     run_tasks(P.ntasks(), M * C, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t g = P.group(t);
-        bwd_sums_task<T>(dy, x, C, P.r0(t), P.r1(t), P.c0(t), P.c1(t), mean, scale, shift, p1 + g * C, p2 + g * C);
+        bwd_sums_task<T, LEAKY>(dy, x, C, P.r0(t), P.r1(t), P.c0(t), P.c1(t), mean, scale, shift, p1 + g * C,
+                                p2 + g * C, slope);
       }
     });
     for (int64_t g = 1; g < P.ngroups; ++g) {  // fixed order
@@ -1263,7 +1305,8 @@ void bwd_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt, cons
     coef(0, C);
     run_tasks(P.ntasks(), M * C, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
-        dx_block<T>(dy, x, dx, C, P.r0(t), P.r1(t), P.c0(t), P.c1(t), mean, scale, shift, k1, k2, k3, false);
+        dx_block<T, LEAKY, TRAIN>(dy, x, dx, C, P.r0(t), P.r1(t), P.c0(t), P.c1(t), mean, scale, shift, k1, k2, k3,
+                                  false, slope);
     });
   }
   write_param(gw, 0, C, dw);
@@ -1274,8 +1317,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_bwd_cpu(const at::Tensor& gra
                                                            const std::optional<at::Tensor>& weight,
                                                            const std::optional<at::Tensor>& bias,
                                                            const at::Tensor& save_mean,
-                                                           const at::Tensor& save_invstd, bool training) {
+                                                           const at::Tensor& save_invstd, bool training,
+                                                           double negative_slope) {
   TORCH_CHECK(input.dim() >= 2, "batch_norm_relu backward: input must have at least 2 dimensions");
+  TORCH_CHECK_VALUE(negative_slope >= 0 && std::isfinite(negative_slope),
+                    "batch_norm_leaky_relu: negative_slope must be a finite float >= 0, got ", negative_slope);
   TORCH_CHECK(grad_out.sizes() == input.sizes(), "batch_norm_relu backward: grad_out must have the input's shape ",
               input.sizes(), ", got ", grad_out.sizes());
   TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "batch_norm_relu backward: grad_out must have dtype ",
@@ -1293,8 +1339,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_bwd_cpu(const at::Tensor& gra
   else if (bias.has_value() && bias->defined()) pdt = bias->scalar_type();
   at::Tensor gw = new_empty({sh.C}, x.options().dtype(pdt));
   at::Tensor gb = new_empty({sh.C}, x.options().dtype(pdt));
+  if (sh.C == 0) return {dx, gw, gb};  // no channels: nothing to compute
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_relu_bwd_cpu", [&] {
-    bwd_impl<scalar_t>(dy, x, dx, sh, weight, bias, save_mean, save_invstd, training, gw, gb);
+    with_bool(negative_slope != 0.0, [&](auto L) {
+      with_bool(training, [&](auto TR) {
+        bwd_impl<scalar_t, decltype(L)::value, decltype(TR)::value>(dy, x, dx, sh, weight, bias, save_mean,
+                                                                    save_invstd, gw, gb, negative_slope);
+      });
+    });
   });
   return {dx, gw, gb};
 }

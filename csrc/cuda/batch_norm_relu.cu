@@ -6,7 +6,10 @@
 // shuffles), a second kernel merging the partials in a fixed order (deterministic, no atomics)
 // that also updates the running stats and folds scale/shift, then one elementwise pass.
 // Backward: partial (sum g, sum g*(x-mean)) the same way, a per-channel final kernel, and one
-// elementwise pass for dx.  The ReLU mask is recomputed from x with the forward's fma.
+// elementwise pass for dx.  The activation's mask is recomputed from x with the forward's fma.
+// Activation: relu for negative_slope == 0, leaky_relu for negative_slope > 0 (bnr::act /
+// bnr::act_grad, shared with the CPU kernels).  Training on an empty batch (N * S == 0) leaves
+// the running statistics unchanged and gives zero weight / bias gradients (as torch).
 // The split of the work depends only on the shape, so the bits are reproducible.
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -144,7 +147,10 @@ __global__ void fold_kernel(const T* __restrict__ x, int64_t S, bool rows, const
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   A mean, invstd;
-  if (training) {
+  if (training && R == 0) {  // no data: running stats unchanged; the backward gives zero gradients
+    mean = A(0);
+    invstd = A(0);
+  } else if (training) {
     A n = 0, m = 0, m2 = 0;
     for (int64_t i = 0; i < nprog; ++i) chan_merge(n, m, m2, pn[i * C + c], pmean[i * C + c], pm2[i * C + c]);
     const A var = m2 / A(R);
@@ -172,11 +178,11 @@ __global__ void fold_kernel(const T* __restrict__ x, int64_t S, bool rows, const
 
 template <typename T, typename A>
 __global__ void apply_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t total, int64_t C, int64_t S,
-                             bool rows, const A* __restrict__ scale, const A* __restrict__ shift) {
+                             bool rows, const A* __restrict__ scale, const A* __restrict__ shift, A slope) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = rows ? i % C : (i / S) % C;
     const A pre = fma_acc(A(to_acc(x[i])), scale[c], shift[c]);
-    y[i] = from_acc<T>(pre <= A(0) ? A(0) : pre);  // NaN propagates, as torch.relu
+    y[i] = from_acc<T>(act(pre, slope));  // NaN propagates, as torch.relu / leaky_relu
   }
 }
 
@@ -193,7 +199,7 @@ __device__ __forceinline__ void channel_fold(int64_t c, const P* weight, const P
 template <typename T, typename P, typename A>
 __global__ void bwd_rows_kernel(const T* __restrict__ dy, const T* __restrict__ x, int64_t R, int64_t C,
                                 int64_t rows_per_prog, const P* weight, const P* bias, const A* __restrict__ mean,
-                                const A* __restrict__ invstd, A* __restrict__ p1, A* __restrict__ p2) {
+                                const A* __restrict__ invstd, A* __restrict__ p1, A* __restrict__ p2, A slope) {
   __shared__ A s1[kRowsTY][kRowsTX], s2[kRowsTY][kRowsTX];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t c = int64_t(blockIdx.x) * kRowsTX + tx;
@@ -205,7 +211,7 @@ __global__ void bwd_rows_kernel(const T* __restrict__ dy, const T* __restrict__ 
     channel_fold<T, P, A>(c, weight, bias, mean, invstd, m, sc, sf);
     for (int64_t r = r0 + ty; r < r1; r += kRowsTY) {
       const A xv = to_acc(x[r * C + c]);
-      const A g = relu_passes(fma_acc(xv, sc, sf)) ? A(to_acc(dy[r * C + c])) : A(0);
+      const A g = act_grad(fma_acc(xv, sc, sf), A(to_acc(dy[r * C + c])), slope);
       a1 += g;
       a2 = fma_acc(g, xv - m, a2);
     }
@@ -223,7 +229,7 @@ __global__ void bwd_rows_kernel(const T* __restrict__ dy, const T* __restrict__ 
 template <typename T, typename P, typename A>
 __global__ void bwd_planar_kernel(const T* __restrict__ dy, const T* __restrict__ x, int64_t R, int64_t C, int64_t S,
                                   int64_t rows_per_prog, const P* weight, const P* bias, const A* __restrict__ mean,
-                                  const A* __restrict__ invstd, A* __restrict__ p1, A* __restrict__ p2) {
+                                  const A* __restrict__ invstd, A* __restrict__ p1, A* __restrict__ p2, A slope) {
   __shared__ A w1[kPlanarThreads / 32], w2[kPlanarThreads / 32];
   const int64_t c = blockIdx.x;
   const int64_t r0 = int64_t(blockIdx.y) * rows_per_prog;
@@ -235,7 +241,7 @@ __global__ void bwd_planar_kernel(const T* __restrict__ dy, const T* __restrict_
     const int64_t nn = r / S, s = r - nn * S;
     const int64_t o = (nn * C + c) * S + s;
     const A xv = to_acc(x[o]);
-    const A g = relu_passes(fma_acc(xv, sc, sf)) ? A(to_acc(dy[o])) : A(0);
+    const A g = act_grad(fma_acc(xv, sc, sf), A(to_acc(dy[o])), slope);
     a1 += g;
     a2 = fma_acc(g, xv - m, a2);
   }
@@ -264,6 +270,12 @@ __global__ void bwd_final_kernel(const A* __restrict__ p1, const A* __restrict__
   for (int64_t i = 0; i < nprog; ++i) { sg += p1[i * C + c]; sgd += p2[i * C + c]; }
   const A is = invstd[c];
   const A w = weight != nullptr ? A(to_acc(weight[c])) : A(1);
+  if (R == 0) {  // no data: zero gradients (as torch), whatever the saved statistics
+    grad_weight[c] = from_acc<P>(A(0));
+    grad_bias[c] = from_acc<P>(A(0));
+    k1[c] = k2[c] = k3[c] = A(0);
+    return;
+  }
   grad_weight[c] = from_acc<P>(sgd * is);
   grad_bias[c] = from_acc<P>(sg);
   const A a = w * is;
@@ -276,14 +288,15 @@ template <typename T, typename P, typename A>
 __global__ void bwd_dx_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, int64_t total,
                               int64_t C, int64_t S, bool rows, const P* weight, const P* bias,
                               const A* __restrict__ mean, const A* __restrict__ invstd, const A* __restrict__ k1,
-                              const A* __restrict__ k2, const A* __restrict__ k3) {
+                              const A* __restrict__ k2, const A* __restrict__ k3, bool training, A slope) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = rows ? i % C : (i / S) % C;
     A m, sc, sf;
     channel_fold<T, P, A>(c, weight, bias, mean, invstd, m, sc, sf);
     const A xv = to_acc(x[i]);
-    const A g = relu_passes(fma_acc(xv, sc, sf)) ? A(to_acc(dy[i])) : A(0);
-    dx[i] = from_acc<T>(fma_acc(g, k1[c], fma_acc(xv - m, k3[c], k2[c])));
+    const A g = act_grad(fma_acc(xv, sc, sf), A(to_acc(dy[i])), slope);
+    // evaluation: g * k1 only ((x - mean) * 0 would make an infinite x's finite gradient NaN)
+    dx[i] = from_acc<T>(training ? fma_acc(g, k1[c], fma_acc(xv - m, k3[c], k2[c])) : g * k1[c]);
   }
 }
 
@@ -294,8 +307,8 @@ int elementwise_blocks(int64_t total) {
 
 template <typename T, typename P, typename A>
 cudaError_t forward_impl(const T* x, T* y, int64_t N, int64_t C, int64_t S, bool rows, P* rm, P* rv, const P* w,
-                         const P* b, bool training, double momentum, double eps, A* save_mean, A* save_invstd,
-                         A* ws, cudaStream_t st) {
+                         const P* b, bool training, double momentum, double eps, double slope, A* save_mean,
+                         A* save_invstd, A* ws, cudaStream_t st) {
   const int64_t R = N * S;
   const Plan p = make_plan(N, C, S, rows);
   A* pn = ws;
@@ -317,14 +330,14 @@ cudaError_t forward_impl(const T* x, T* y, int64_t N, int64_t C, int64_t S, bool
                                                               save_invstd, scale, shift);
   const int64_t total = R * C;
   if (total > 0)
-    apply_kernel<T, A><<<elementwise_blocks(total), 256, 0, st>>>(x, y, total, C, S, rows, scale, shift);
+    apply_kernel<T, A><<<elementwise_blocks(total), 256, 0, st>>>(x, y, total, C, S, rows, scale, shift, A(slope));
   return cudaGetLastError();
 }
 
 template <typename T, typename P, typename A>
 cudaError_t backward_impl(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S, bool rows, const P* w,
-                          const P* b, const A* mean, const A* invstd, bool training, P* gw, P* gb, A* ws,
-                          cudaStream_t st) {
+                          const P* b, const A* mean, const A* invstd, bool training, double slope, P* gw, P* gb,
+                          A* ws, cudaStream_t st) {
   const int64_t R = N * S;
   const Plan p = make_plan(N, C, S, rows);
   A* p1 = ws;
@@ -336,11 +349,11 @@ cudaError_t backward_impl(const T* dy, const T* x, T* dx, int64_t N, int64_t C, 
     if (rows) {
       dim3 grid(unsigned((C + kRowsTX - 1) / kRowsTX), unsigned(p.nprog));
       bwd_rows_kernel<T, P, A><<<grid, dim3(kRowsTX, kRowsTY), 0, st>>>(dy, x, R, C, p.rows_per_prog, w, b, mean,
-                                                                        invstd, p1, p2);
+                                                                        invstd, p1, p2, A(slope));
     } else {
       dim3 grid(unsigned(C), unsigned(p.nprog));
       bwd_planar_kernel<T, P, A><<<grid, kPlanarThreads, 0, st>>>(dy, x, R, C, S, p.rows_per_prog, w, b, mean,
-                                                                  invstd, p1, p2);
+                                                                  invstd, p1, p2, A(slope));
     }
   }
   bwd_final_kernel<P, A><<<unsigned((C + 127) / 128), 128, 0, st>>>(p1, p2, R > 0 ? p.nprog : 0, C, R, w, invstd,
@@ -348,7 +361,7 @@ cudaError_t backward_impl(const T* dy, const T* x, T* dx, int64_t N, int64_t C, 
   const int64_t total = R * C;
   if (total > 0)
     bwd_dx_kernel<T, P, A><<<elementwise_blocks(total), 256, 0, st>>>(dy, x, dx, total, C, S, rows, w, b, mean,
-                                                                      invstd, k1, k2, k3);
+                                                                      invstd, k1, k2, k3, training, A(slope));
   return cudaGetLastError();
 }
 
@@ -365,13 +378,13 @@ int64_t cuda_bwd_workspace(int64_t N, int64_t C, int64_t S, bool rows) {
   return forward_impl<T, P, A>(static_cast<const T*>(x), static_cast<T*>(y), N, C, S, rows,                     \
                                static_cast<P*>(running_mean), static_cast<P*>(running_var),                     \
                                static_cast<const P*>(weight), static_cast<const P*>(bias), training, momentum, eps, \
-                               static_cast<A*>(save_mean), static_cast<A*>(save_invstd), static_cast<A*>(workspace), \
+                               negative_slope, static_cast<A*>(save_mean), static_cast<A*>(save_invstd), static_cast<A*>(workspace), \
                                stream)
 
 cudaError_t cuda_forward(Dtype xt, Dtype pt, const void* x, void* y, int64_t N, int64_t C, int64_t S, bool rows,
                          void* running_mean, void* running_var, const void* weight, const void* bias,
-                         bool training, double momentum, double eps, void* save_mean, void* save_invstd,
-                         void* workspace, cudaStream_t stream) {
+                         bool training, double momentum, double eps, double negative_slope, void* save_mean,
+                         void* save_invstd, void* workspace, cudaStream_t stream) {
   if (xt == Dtype::F32 && pt == Dtype::F32) GK_BNR_FWD(float, float, float);
   if (xt == Dtype::F64 && pt == Dtype::F64) GK_BNR_FWD(double, double, double);
   if (xt == Dtype::F16 && pt == Dtype::F32) GK_BNR_FWD(__half, float, float);
@@ -385,13 +398,13 @@ cudaError_t cuda_forward(Dtype xt, Dtype pt, const void* x, void* y, int64_t N, 
   return backward_impl<T, P, A>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), N, C, S, \
                                 rows, static_cast<const P*>(weight), static_cast<const P*>(bias),                 \
                                 static_cast<const A*>(save_mean), static_cast<const A*>(save_invstd), training,    \
-                                static_cast<P*>(grad_weight), static_cast<P*>(grad_bias), static_cast<A*>(workspace), \
+                                negative_slope, static_cast<P*>(grad_weight), static_cast<P*>(grad_bias), static_cast<A*>(workspace), \
                                 stream)
 
 cudaError_t cuda_backward(Dtype xt, Dtype pt, const void* dy, const void* x, void* dx, int64_t N, int64_t C,
                           int64_t S, bool rows, const void* weight, const void* bias, const void* save_mean,
-                          const void* save_invstd, bool training, void* grad_weight, void* grad_bias,
-                          void* workspace, cudaStream_t stream) {
+                          const void* save_invstd, bool training, double negative_slope, void* grad_weight,
+                          void* grad_bias, void* workspace, cudaStream_t stream) {
   if (xt == Dtype::F32 && pt == Dtype::F32) GK_BNR_BWD(float, float, float);
   if (xt == Dtype::F64 && pt == Dtype::F64) GK_BNR_BWD(double, double, double);
   if (xt == Dtype::F16 && pt == Dtype::F32) GK_BNR_BWD(__half, float, float);

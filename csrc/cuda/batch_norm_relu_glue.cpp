@@ -4,6 +4,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+#include <cmath>
 #define GANKERN_BNR_CUDA_DECLS 1
 #include "gankern/batch_norm_relu.h"
 #include "gankern/common.h"
@@ -12,7 +13,8 @@ namespace gankern {
 
 void bnr_check_args(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
                     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
-                    const std::optional<at::Tensor>& bias, bool training, double momentum, double eps);
+                    const std::optional<at::Tensor>& bias, bool training, double momentum, double eps,
+                    double negative_slope);
 
 namespace {
 
@@ -63,8 +65,8 @@ std::optional<at::Tensor> contig(const std::optional<at::Tensor>& t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_fwd_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, bool training, double momentum, double eps) {
-  bnr_check_args(input, running_mean, running_var, weight, bias, training, momentum, eps);
+    const std::optional<at::Tensor>& bias, bool training, double momentum, double eps, double negative_slope) {
+  bnr_check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, negative_slope);
   TORCH_CHECK(input.is_cuda(), "batch_norm_relu (cuda kernel): input must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(input.device());
   int64_t N, C, S;
@@ -74,6 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_fwd_cuda(
   const auto acc_dt = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor save_mean = new_empty({C}, x.options().dtype(acc_dt));
   at::Tensor save_invstd = new_empty({C}, x.options().dtype(acc_dt));
+  if (C == 0) return {y, save_mean, save_invstd};  // no channels: nothing to launch (a 0-block grid is an error)
   at::Tensor ws = at::empty({bnr::cuda_fwd_workspace(N, C, S, rows)}, x.options().dtype(acc_dt));
   auto rm = contig(running_mean), rv = contig(running_var), w = contig(weight), b = contig(bias);
   at::ScalarType pdt = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -82,7 +85,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_fwd_cuda(
   const bool has_running = rm.has_value();
   auto err = bnr::cuda_forward(to_dtype(x.scalar_type()), to_dtype(pdt), x.data_ptr(), y.data_ptr(), N, C, S, rows,
                                has_running ? rm->data_ptr() : nullptr, has_running ? rv->data_ptr() : nullptr,
-                               ptr_or_null(w), ptr_or_null(b), training, momentum, eps, save_mean.data_ptr(),
+                               ptr_or_null(w), ptr_or_null(b), training, momentum, eps, negative_slope,
+                               save_mean.data_ptr(),
                                save_invstd.data_ptr(), ws.data_ptr(), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "batch_norm_relu (cuda) forward failed: ", cudaGetErrorString(err));
   if (training && has_running) {  // strided running stats were updated in a contiguous copy
@@ -96,8 +100,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_bwd_cuda(const at::Tensor& gr
                                                             const std::optional<at::Tensor>& weight,
                                                             const std::optional<at::Tensor>& bias,
                                                             const at::Tensor& save_mean,
-                                                            const at::Tensor& save_invstd, bool training) {
+                                                            const at::Tensor& save_invstd, bool training,
+                                                            double negative_slope) {
   TORCH_CHECK(input.is_cuda() && grad_out.is_cuda(), "batch_norm_relu (cuda) backward: tensors must be on CUDA");
+  TORCH_CHECK_VALUE(negative_slope >= 0 && std::isfinite(negative_slope),
+                    "batch_norm_leaky_relu: negative_slope must be a finite float >= 0, got ", negative_slope);
   TORCH_CHECK(grad_out.sizes() == input.sizes(), "batch_norm_relu backward: grad_out must have the input's shape ",
               input.sizes(), ", got ", grad_out.sizes());
   TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "batch_norm_relu backward: grad_out must have dtype ",
@@ -118,11 +125,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_bwd_cuda(const at::Tensor& gr
   at::ScalarType pdt = w.has_value() ? w->scalar_type() : (b.has_value() ? b->scalar_type() : acc_dt);
   at::Tensor gw = new_empty({C}, x.options().dtype(pdt));
   at::Tensor gb = new_empty({C}, x.options().dtype(pdt));
+  if (C == 0) return {dx, gw, gb};
   at::Tensor ws = at::empty({bnr::cuda_bwd_workspace(N, C, S, rows)}, x.options().dtype(acc_dt));
   at::Tensor sm = save_mean.contiguous(), si = save_invstd.contiguous();
   auto err = bnr::cuda_backward(to_dtype(x.scalar_type()), to_dtype(pdt), dy.data_ptr(), x.data_ptr(), dx.data_ptr(),
                                 N, C, S, rows, ptr_or_null(w), ptr_or_null(b), sm.data_ptr(), si.data_ptr(), training,
-                                gw.data_ptr(), gb.data_ptr(), ws.data_ptr(), at::cuda::getCurrentCUDAStream());
+                                negative_slope, gw.data_ptr(), gb.data_ptr(), ws.data_ptr(), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "batch_norm_relu (cuda) backward failed: ", cudaGetErrorString(err));
   return {dx, gw, gb};
 }

@@ -1,11 +1,17 @@
-"""batch_norm_relu: relu(F.batch_norm(...)) fused, on every backend.
+"""batch_norm_relu / batch_norm_leaky_relu: act(F.batch_norm(...)) fused, on every backend.
+
+One op for both: ``negative_slope == 0`` is ReLU (``batch_norm_relu``), ``negative_slope > 0`` is
+LeakyReLU (``batch_norm_leaky_relu``); the kernels take the slope as an argument.
 
 * ``cpp`` / ``cuda``: the C++ op ``gankern::batch_norm_relu`` (csrc/batch_norm_relu.cpp; argument
-  checks and autograd in C++), internal kernels ``gankern::_batch_norm_relu_fwd`` / ``_bwd``
-  whose fake kernels are registered here.
+  checks and autograd in C++; its last argument ``negative_slope`` defaults to 0), internal
+  kernels ``gankern::_batch_norm_relu_fwd`` / ``_bwd`` whose fake kernels are registered here.
 * ``triton``: the custom op ``gankern::_batch_norm_relu_triton_fwd`` (+ ``_bwd``), defined here
   with ``torch.library.custom_op``; the kernels live in gankern/triton/batch_norm_relu.py.
-* ``reference``: gankern.reference.batch_norm_relu (plain PyTorch, double backward included).
+* ``reference``: gankern.reference.batch_norm_leaky_relu (plain PyTorch, double backward included).
+
+Every backend has one contract: the same argument checks (type, dtype, device, shape, named in the
+message), no channels / an empty batch behave as torch, NaN / Inf propagate as in torch.
 """
 from __future__ import annotations
 
@@ -15,7 +21,9 @@ import torch
 
 from .. import _backends, reference
 
-__all__ = ["batch_norm_relu"]
+__all__ = ["batch_norm_relu", "batch_norm_leaky_relu"]
+
+_PARAM_NAMES = ("running_mean", "running_var", "weight", "bias")
 
 
 def _channels_last(x):
@@ -34,10 +42,33 @@ def _acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps):
-    """The C++ checks (csrc/batch_norm_relu.cpp: bnr_check_args), for the Triton backend."""
+def _check_types(input, running_mean, running_var, weight, bias):
+    """What the dispatcher's argument parser checks on the C++ path, with the same error type and
+    message, for the backends that do not go through it (a list as weight must not end in an
+    AttributeError somewhere inside)."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm_relu: input must be a tensor, got {type(input).__name__}")
+    for name, t in zip(_PARAM_NAMES, (running_mean, running_var, weight, bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise _type_error(name, t)
+
+
+def _type_error(name, value):
+    # the dispatcher's message for the same call on the C++ path (torch/csrc/jit/python/pybind_utils.h)
+    return RuntimeError(f"gankern::batch_norm_relu() Expected a value of type 'Optional[Tensor]' for argument "
+                        f"'{name}' but instead found type '{type(value).__name__}'.\n"
+                        f"Position: {1 + _PARAM_NAMES.index(name)}\nValue: {value!r}")
+
+
+def _check_slope(negative_slope):
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)) or \
+            not (math.isfinite(negative_slope) and negative_slope >= 0):
+        raise ValueError(f"batch_norm_leaky_relu: negative_slope must be a finite float >= 0, got {negative_slope!r}")
+
+
+def _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, negative_slope=0.0):
+    """The C++ checks (csrc/batch_norm_relu.cpp: bnr_check_args), for the Triton and reference backends."""
+    _check_types(input, running_mean, running_var, weight, bias)
     if input.dim() < 2:
         raise RuntimeError(f"batch_norm_relu: input must have at least 2 dimensions (N, C, ...), got a "
                            f"{input.dim()}-D tensor of shape {list(input.shape)}")
@@ -81,13 +112,21 @@ def _check_args(input, running_mean, running_var, weight, bias, training, moment
         raise TypeError(f"batch_norm_relu: momentum must be a finite float, got {momentum!r}")
     if not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"batch_norm_relu: eps must be a finite float >= 0, got {eps!r}")
+    _check_slope(negative_slope)
 
 
 def _check_devices(input, *named):
-    # A parameter on the meta device sends the call to the fake kernels: check there too.
+    """The fake kernels' checks: device (a parameter on the meta device sends the call to the fake
+    kernels) and dtype of every tensor argument, named as the real kernels name them."""
+    reduced = input.dtype in (torch.float16, torch.bfloat16)
     for name, t in named:
-        if t is not None and t.device != input.device:
+        if t is None:
+            continue
+        if t.device != input.device:
             raise RuntimeError(f"batch_norm_relu: {name} must be on the input's device {input.device}, got {t.device}")
+        if name in _PARAM_NAMES and not (t.dtype == input.dtype or (reduced and t.dtype == torch.float32)):
+            raise RuntimeError(f"batch_norm_relu: {name} must have the input's dtype {input.dtype}"
+                               f"{' or float32' if reduced else ''}, got {t.dtype}")
 
 
 # ------------------------------------------------------------------ fake kernels of the C++ ops
@@ -96,8 +135,9 @@ def _register_cpp_fakes():
         return
 
     @torch.library.register_fake("gankern::_batch_norm_relu_fwd")
-    def _fwd_fake(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    def _fwd_fake(input, running_mean, running_var, weight, bias, training, momentum, eps, negative_slope=0.0):
         torch._check(input.dim() >= 2, lambda: "batch_norm_relu: input must have at least 2 dimensions")
+        _check_slope(negative_slope)
         _check_devices(input, ("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
                        ("bias", bias))
         C = input.shape[1]
@@ -105,7 +145,9 @@ def _register_cpp_fakes():
         return (_out_like(input), input.new_empty((C,), dtype=acc), input.new_empty((C,), dtype=acc))
 
     @torch.library.register_fake("gankern::_batch_norm_relu_bwd")
-    def _bwd_fake(grad_out, input, weight, bias, save_mean, save_invstd, training):
+    def _bwd_fake(grad_out, input, weight, bias, save_mean, save_invstd, training, negative_slope=0.0):
+        _check_devices(input, ("grad_out", grad_out), ("weight", weight), ("bias", bias), ("save_mean", save_mean),
+                       ("save_invstd", save_invstd))
         C = input.shape[1]
         pdt = weight.dtype if weight is not None else (bias.dtype if bias is not None else _acc_dtype(input))
         return (_out_like(input), input.new_empty((C,), dtype=pdt), input.new_empty((C,), dtype=pdt))
@@ -121,27 +163,31 @@ _register_cpp_fakes()
 @torch.library.custom_op("gankern::_batch_norm_relu_triton_fwd", mutates_args=())
 def _triton_fwd(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                 weight: torch.Tensor | None, bias: torch.Tensor | None, training: bool, momentum: float,
-                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                eps: float, negative_slope: float = 0.0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (y, save_mean, save_invstd, new_running_mean, new_running_var) (the last two float32, (C,))."""
     from ..triton import batch_norm_relu as k
-    _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, negative_slope)
     C = input.shape[1]
     if running_mean is None:
         new_rm = torch.zeros((C,), dtype=torch.float32, device=input.device)
         new_rv = torch.ones((C,), dtype=torch.float32, device=input.device)
-        y, mean, invstd = k.forward(input, None, None, weight, bias, training, momentum, eps)
+        y, mean, invstd = k.forward(input, None, None, weight, bias, training, momentum, eps, negative_slope)
     else:
-        new_rm = running_mean.to(torch.float32, copy=True)
-        new_rv = running_var.to(torch.float32, copy=True)
+        # contiguous float32 copies (memory_format: a strided buffer's copy keeps its strides otherwise)
+        new_rm = running_mean.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
+        new_rv = running_var.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
         if not training:  # eval reads the stats in their own dtype (as the cpp kernel does)
-            y, mean, invstd = k.forward(input, running_mean, running_var, weight, bias, training, momentum, eps)
+            y, mean, invstd = k.forward(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                        negative_slope)
         else:
-            y, mean, invstd = k.forward(input, new_rm, new_rv, weight, bias, training, momentum, eps)
+            y, mean, invstd = k.forward(input, new_rm, new_rv, weight, bias, training, momentum, eps, negative_slope)
     return y, mean, invstd, new_rm, new_rv
 
 
 @_triton_fwd.register_fake
-def _(input, running_mean, running_var, weight, bias, training, momentum, eps):
+def _(input, running_mean, running_var, weight, bias, training, momentum, eps, negative_slope=0.0):
+    _check_slope(negative_slope)
     _check_devices(input, ("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
                    ("bias", bias))
     C = input.shape[1]
@@ -153,23 +199,26 @@ def _(input, running_mean, running_var, weight, bias, training, momentum, eps):
 @torch.library.custom_op("gankern::_batch_norm_relu_triton_bwd", mutates_args=())
 def _triton_bwd(grad_out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor | None,
                 bias: torch.Tensor | None, save_mean: torch.Tensor, save_invstd: torch.Tensor,
-                training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                training: bool, negative_slope: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..triton import batch_norm_relu as k
-    return k.backward(grad_out, input, weight, bias, save_mean, save_invstd, training)
+    return k.backward(grad_out, input, weight, bias, save_mean, save_invstd, training, negative_slope)
 
 
 @_triton_bwd.register_fake
-def _(grad_out, input, weight, bias, save_mean, save_invstd, training):
+def _(grad_out, input, weight, bias, save_mean, save_invstd, training, negative_slope=0.0):
+    _check_devices(input, ("grad_out", grad_out), ("weight", weight), ("bias", bias), ("save_mean", save_mean),
+                   ("save_invstd", save_invstd))
     C = input.shape[1]
     pdt = weight.dtype if weight is not None else (bias.dtype if bias is not None else torch.float32)
     return (_out_like(input), input.new_empty((C,), dtype=pdt), input.new_empty((C,), dtype=pdt))
 
 
 def _triton_setup(ctx, inputs, output):
-    input, _rm, _rv, weight, bias, training, _momentum, _eps = inputs
+    input, _rm, _rv, weight, bias, training, _momentum, _eps, negative_slope = inputs
     _y, mean, invstd, new_rm, new_rv = output
     ctx.save_for_backward(input, weight, bias, mean, invstd)
     ctx.training = training
+    ctx.negative_slope = negative_slope
     ctx.mark_non_differentiable(mean, invstd, new_rm, new_rv)
 
 
@@ -180,15 +229,35 @@ def _triton_backward(ctx, grad_y, *_unused):
     input, weight, bias, mean, invstd = ctx.saved_tensors
     if grad_y is None:
         grad_y = torch.zeros_like(input)
-    gi, gw, gb = _triton_bwd(grad_y, input, weight, bias, mean, invstd, ctx.training)
-    return (gi, None, None, gw if weight is not None else None, gb if bias is not None else None, None, None, None)
+    gi, gw, gb = _triton_bwd(grad_y, input, weight, bias, mean, invstd, ctx.training, ctx.negative_slope)
+    return (gi, None, None, gw if weight is not None else None, gb if bias is not None else None, None, None, None,
+            None)
 
 
 _triton_fwd.register_autograd(_triton_backward, setup_context=_triton_setup)
 
 
-# ------------------------------------------------------------------ public function
+# ------------------------------------------------------------------ public functions
 _cpp_op = None
+
+
+def _run(b, input, running_mean, running_var, weight, bias, training, momentum, eps, negative_slope):
+    """The Triton and reference backends (one contract with the C++ path: the same checks first)."""
+    if b == "triton":
+        if isinstance(input, torch.Tensor) and input.dtype == torch.float64:
+            raise RuntimeError("batch_norm_relu: backend 'triton' supports float32, float16 and bfloat16 inputs, "
+                               "got float64 (use backend='cpp', 'cuda' or 'reference')")
+        _check_types(input, running_mean, running_var, weight, bias)
+        y, _m, _i, new_rm, new_rv = _triton_fwd(input, running_mean, running_var, weight, bias, training,
+                                                momentum, eps, negative_slope)
+        if training and running_mean is not None:
+            with torch.no_grad():
+                running_mean.copy_(new_rm)
+                running_var.copy_(new_rv)
+        return y
+    _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, negative_slope)
+    return reference.batch_norm_leaky_relu(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                           negative_slope)
 
 
 def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
@@ -196,11 +265,13 @@ def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, tr
     """``relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))``, fused.
 
     Same arguments and semantics as :func:`torch.nn.functional.batch_norm`: inputs (N, C), (N, C, L),
-    (N, C, H, W) (contiguous or channels-last; the output keeps the memory format); in training the
-    batch statistics normalize and ``running_mean`` / ``running_var`` (may be None) are updated in
-    place with the unbiased variance; in eval the running statistics are used.  fp16/bf16 inputs
-    may take float32 running stats / weight / bias.  ``backend``: None / "auto", "cpp", "cuda",
-    "triton", "reference".  Double backward: ``reference`` only (the others raise a clear error).
+    (N, C, H, W) (contiguous or channels-last; the output keeps the memory format; other strides are
+    accepted and copied first); in training the batch statistics normalize and ``running_mean`` /
+    ``running_var`` (may be None) are updated in place with the unbiased variance (an empty batch
+    leaves them unchanged); in eval the running statistics are used.  fp16/bf16 inputs may take
+    float32 running stats / weight / bias.  ``backend``: None / "auto", "cpp", "cuda", "triton",
+    "reference".  Double backward: ``reference`` only (the others raise a clear error).
+    ``batch_norm_leaky_relu(..., negative_slope=0.0)`` is this op.
     """
     global _cpp_op
     if not isinstance(input, torch.Tensor):
@@ -210,15 +281,23 @@ def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, tr
         if _cpp_op is None:
             _cpp_op = torch.ops.gankern.batch_norm_relu.default
         return _cpp_op(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if b == "triton":
-        if input.dtype == torch.float64:
-            raise RuntimeError("batch_norm_relu: backend 'triton' supports float32, float16 and bfloat16 inputs, "
-                               "got float64 (use backend='cpp', 'cuda' or 'reference')")
-        y, _m, _i, new_rm, new_rv = _triton_fwd(input, running_mean, running_var, weight, bias, training,
-                                                momentum, eps)
-        if training and running_mean is not None:
-            with torch.no_grad():
-                running_mean.copy_(new_rm)
-                running_var.copy_(new_rv)
-        return y
-    return reference.batch_norm_relu(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return _run(b, input, running_mean, running_var, weight, bias, training, momentum, eps, 0.0)
+
+
+def batch_norm_leaky_relu(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                          eps=1e-5, negative_slope=0.2, *, backend=None):
+    """``leaky_relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps),
+    negative_slope)``, fused: the op of :func:`batch_norm_relu` with a slope.
+
+    ``negative_slope`` must be a finite float >= 0 (``ValueError`` otherwise); 0 is exactly
+    ``batch_norm_relu`` (``torch.relu``: -inf -> 0).  Everything else as :func:`batch_norm_relu`.
+    """
+    global _cpp_op
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"batch_norm_relu: input must be a tensor, got {type(input).__name__}")
+    b = _backends.select(backend, input)
+    if b == "cpp" or b == "cuda":
+        if _cpp_op is None:
+            _cpp_op = torch.ops.gankern.batch_norm_relu.default
+        return _cpp_op(input, running_mean, running_var, weight, bias, training, momentum, eps, negative_slope)
+    return _run(b, input, running_mean, running_var, weight, bias, training, momentum, eps, negative_slope)

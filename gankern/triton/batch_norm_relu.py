@@ -1,4 +1,7 @@
-"""Triton kernels of the fused BatchNorm + ReLU (forward and backward).
+"""Triton kernels of the fused BatchNorm + ReLU / LeakyReLU (forward and backward).
+
+The activation is ``relu`` for ``negative_slope == 0`` and ``leaky_relu(., negative_slope)`` for
+``negative_slope > 0`` (one runtime argument, the same kernels): see ``_act`` / ``_act_grad``.
 
 The input is seen as (N, C, S) with arbitrary strides (sN, sC, sS): (N, C) and channels-last
 inputs have sC == 1 (tiles are wide in C), contiguous (N, C, L)/(N, C, H, W) have sS == 1
@@ -7,14 +10,22 @@ inputs have sC == 1 (tiles are wide in C), contiguous (N, C, L)/(N, C, H, W) hav
 Forward (training):
   1. ``_bnr_stats_partial``: grid (channel blocks, row programs); each program reduces its
      fixed range of rows tile by tile (exact two-pass inside the tile, in registers) and merges
-     the tiles with Chan's update -> per-program (mean, m2).
+     the tiles with Chan's update -> per-program (mean, m2).  The tile statistics and merges are
+     float64: squared deviations of fp32 data beyond ~1e19 overflow float32 (torch's CPU kernel
+     accumulates in double as well), and the merge of many tiles keeps full precision.
   2. ``_bnr_fold``: per channel, merges the programs' partials in a fixed order (deterministic,
      no atomics), updates the running stats, writes mean / invstd and the folded scale / shift.
      In eval mode it folds the running stats instead.
-  3. ``_bnr_apply``: y = relu(fma(x, scale, shift)).
-Backward: ``_bnr_bwd_partial`` (sum g, sum g * (x - mean), g = dy where the ReLU is open --
-the mask is recomputed from x with the forward's fma), ``_bnr_bwd_final`` (fixed-order merge,
-dweight, dbias, dx coefficients), ``_bnr_bwd_dx``.
+  3. ``_bnr_apply``: y = act(fma(x, scale, shift)).
+Backward: ``_bnr_bwd_partial`` (sum g, sum g * (x - mean), g = act'(pre) * dy -- the mask is
+recomputed from x with the forward's fma), ``_bnr_bwd_final`` (fixed-order merge, dweight, dbias,
+dx coefficients), ``_bnr_bwd_dx`` (evaluation: dx = g * weight * invstd only, so an infinite x
+keeps the finite gradient torch gives).
+
+Every parameter tensor is made contiguous by the launchers (the kernels index them as ``ptr + c``);
+inputs with strides other than contiguous / channels-last are made contiguous too.  No channels
+(C == 0) launches nothing; training on an empty batch leaves the running statistics unchanged and
+gives zero weight / bias gradients (as torch).
 """
 from __future__ import annotations
 
@@ -26,7 +37,20 @@ from .._backends import new_empty
 
 
 @triton.jit
-def _bnr_stats_partial(x_ptr, pmean_ptr, pm2_ptr, C, S, R, sN, sC, sS, rows_per_prog,
+def _act(pre, slope):
+    # relu for slope == 0 (NaN propagates, -inf -> 0), else leaky_relu: pre > 0 ? pre : pre * slope
+    return tl.where(pre <= 0.0, tl.where(slope == 0.0, 0.0, pre * slope), pre)
+
+
+@triton.jit
+def _act_grad(pre, dy, slope):
+    # torch: relu's threshold_backward lets dy through at a NaN pre-activation and gives 0 where
+    # pre <= 0 (even for an infinite dy); leaky_relu_backward is pre > 0 ? dy : dy * slope
+    return tl.where(pre > 0.0, dy, tl.where(slope == 0.0, tl.where(pre <= 0.0, 0.0, dy), dy * slope))
+
+
+@triton.jit
+def _bnr_stats_partial(x_ptr, pmean_ptr, pm2_ptr, psum_ptr, C, S, R, sN, sC, sS, rows_per_prog,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_c = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -36,10 +60,11 @@ def _bnr_stats_partial(x_ptr, pmean_ptr, pm2_ptr, C, S, R, sN, sC, sS, rows_per_
     r_end = tl.minimum(R, r_start + rows_per_prog)
     # shift: the channel's first value (the same for every program); statistics of x - K keep
     # full fp32 precision when |mean| >> std (e.g. offset 1e4, spread 1e-2)
-    K = tl.load(x_ptr + cc.to(tl.int64) * sC, mask=cmask, other=0.0).to(tl.float32)
-    n_acc = 0.0
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    K = tl.load(x_ptr + cc.to(tl.int64) * sC, mask=cmask, other=0.0).to(tl.float64)
+    n_acc = tl.zeros([BLOCK_C], dtype=tl.float64)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float64)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
+    total = tl.zeros([BLOCK_C], dtype=tl.float64)  # plain sum: the non-finite rule (see _bnr_fold)
     for r0 in range(r_start, r_end, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         rmask = rr < r_end
@@ -47,8 +72,10 @@ def _bnr_stats_partial(x_ptr, pmean_ptr, pm2_ptr, C, S, R, sN, sC, sS, rows_per_
         s = rr - n * S
         offs = n.to(tl.int64)[:, None] * sN + s.to(tl.int64)[:, None] * sS + cc.to(tl.int64)[None, :] * sC
         m = rmask[:, None] & cmask[None, :]
-        x = tl.where(m, tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) - K[None, :], 0.0)
-        cnt = tl.minimum(r_end - r0, BLOCK_R).to(tl.float32)
+        xr = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float64)
+        total += tl.sum(xr, axis=0)
+        x = tl.where(m, xr - K[None, :], 0.0)
+        cnt = tl.minimum(r_end - r0, BLOCK_R).to(tl.float64)
         t_mean = tl.sum(x, axis=0) / cnt
         d = tl.where(m, x - t_mean[None, :], 0.0)
         t_m2 = tl.sum(d * d, axis=0)
@@ -61,42 +88,52 @@ def _bnr_stats_partial(x_ptr, pmean_ptr, pm2_ptr, C, S, R, sN, sC, sS, rows_per_
         n_acc = nn
     tl.store(pmean_ptr + pid_r * C + cc, mean, mask=cmask)
     tl.store(pm2_ptr + pid_r * C + cc, m2, mask=cmask)
+    tl.store(psum_ptr + pid_r * C + cc, total, mask=cmask)
 
 
 @triton.jit
-def _bnr_fold(x_ptr, sC, pmean_ptr, pm2_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
+def _bnr_fold(x_ptr, sC, pmean_ptr, pm2_ptr, psum_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
               C, R, rows_per_prog, n_prog_r, momentum, eps,
               TRAINING: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
               BLOCK_C: tl.constexpr):
     cc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cc < C
-    if TRAINING:
-        n_acc = 0.0
-        mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-        m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if TRAINING:  # (R > 0: the launcher handles an empty batch)
+        n_acc = tl.zeros([BLOCK_C], dtype=tl.float64)
+        mean = tl.zeros([BLOCK_C], dtype=tl.float64)
+        m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
+        total = tl.zeros([BLOCK_C], dtype=tl.float64)
         for i in range(0, n_prog_r):
-            cnt = (tl.minimum(R, (i + 1) * rows_per_prog) - i * rows_per_prog).to(tl.float32)
+            cnt = (tl.minimum(R, (i + 1) * rows_per_prog) - i * rows_per_prog).to(tl.float64)
             pm = tl.load(pmean_ptr + i * C + cc, mask=cmask, other=0.0)
             p2 = tl.load(pm2_ptr + i * C + cc, mask=cmask, other=0.0)
+            total += tl.load(psum_ptr + i * C + cc, mask=cmask, other=0.0)
             nn = n_acc + cnt
             f = cnt / nn
             delta = pm - mean
             mean = mean + delta * f
             m2 = m2 + p2 + delta * delta * n_acc * f
             n_acc = nn
-        mean = mean + tl.load(x_ptr + cc.to(tl.int64) * sC, mask=cmask, other=0.0).to(tl.float32)  # undo the shift
+        mean = mean + tl.load(x_ptr + cc.to(tl.int64) * sC, mask=cmask, other=0.0).to(tl.float64)  # undo the shift
+        # non-finite data (as torch): the mean is the plain sum / count (+inf stays +inf), the variance NaN
+        finite = tl.abs(total) <= 1.7976931348623157e308
+        mean = tl.where(finite, mean, total / R)
+        m2 = tl.where(finite, m2, total - total)  # inf - inf, NaN: NaN
         var = m2 / R
         if HAS_RUNNING:
             rm = tl.load(rm_ptr + cc, mask=cmask, other=0.0)
             rv = tl.load(rv_ptr + cc, mask=cmask, other=1.0)
-            new_rm = (1.0 - momentum) * rm.to(tl.float32) + momentum * mean
-            new_rv = (1.0 - momentum) * rv.to(tl.float32) + momentum * (m2 / (R - 1))
+            mom = momentum
+            new_rm = (1.0 - mom) * rm.to(tl.float64) + mom * mean
+            new_rv = (1.0 - mom) * rv.to(tl.float64) + mom * (m2 / (R - 1))
             tl.store(rm_ptr + cc, new_rm.to(rm.dtype), mask=cmask)
             tl.store(rv_ptr + cc, new_rv.to(rv.dtype), mask=cmask)
     else:
-        mean = tl.load(rm_ptr + cc, mask=cmask, other=0.0).to(tl.float32)
-        var = tl.load(rv_ptr + cc, mask=cmask, other=1.0).to(tl.float32)
-    invstd = 1.0 / tl.sqrt_rn(var + eps)
+        mean = tl.load(rm_ptr + cc, mask=cmask, other=0.0).to(tl.float64)
+        var = tl.load(rv_ptr + cc, mask=cmask, other=1.0).to(tl.float64)
+    # in double, then rounded: 1e30-scale data has var 1e60 (beyond float32) and invstd 1e-30 (within)
+    invstd = (1.0 / tl.sqrt(var + eps)).to(tl.float32)
+    mean = mean.to(tl.float32)
     if HAS_W:
         w = tl.load(w_ptr + cc, mask=cmask, other=1.0).to(tl.float32)
     else:
@@ -114,7 +151,7 @@ def _bnr_fold(x_ptr, sC, pmean_ptr, pm2_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, mean_
 
 
 @triton.jit
-def _bnr_apply(x_ptr, y_ptr, scale_ptr, shift_ptr, C, S, R, sN, sC, sS,
+def _bnr_apply(x_ptr, y_ptr, scale_ptr, shift_ptr, C, S, R, sN, sC, sS, slope,
                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     cc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -127,13 +164,13 @@ def _bnr_apply(x_ptr, y_ptr, scale_ptr, shift_ptr, C, S, R, sN, sC, sS,
     scale = tl.load(scale_ptr + cc, mask=cmask, other=0.0)
     shift = tl.load(shift_ptr + cc, mask=cmask, other=0.0)
     pre = tl.fma(x, scale[None, :], shift[None, :])
-    y = tl.where(pre <= 0.0, 0.0, pre)  # NaN propagates, as torch.relu
+    y = _act(pre, slope)  # NaN propagates, as torch.relu / leaky_relu
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _bnr_bwd_partial(dy_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, p1_ptr, p2_ptr, C, S, R, sN, sC, sS,
-                     rows_per_prog, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                     rows_per_prog, slope, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_c = tl.program_id(0)
     pid_r = tl.program_id(1)
     cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -154,7 +191,7 @@ def _bnr_bwd_partial(dy_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, p1_ptr, p2_p
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
         pre = tl.fma(x, scale[None, :], shift[None, :])
-        g = tl.where(pre <= 0.0, 0.0, dy)
+        g = _act_grad(pre, dy, slope)
         s1 += tl.sum(g, axis=0)
         s2 += tl.sum(g * (x - mean[None, :]), axis=0)
     tl.store(p1_ptr + pid_r * C + cc, s1, mask=cmask)
@@ -190,7 +227,7 @@ def _bnr_bwd_final(p1_ptr, p2_ptr, invstd_ptr, w_ptr, dw_ptr, db_ptr, k1_ptr, k2
 
 @triton.jit
 def _bnr_bwd_dx(dy_ptr, x_ptr, dx_ptr, mean_ptr, scale_ptr, shift_ptr, k1_ptr, k2_ptr, k3_ptr, C, S, R, sN, sC, sS,
-                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                slope, TRAINING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     cc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     cmask = cc < C
@@ -207,8 +244,11 @@ def _bnr_bwd_dx(dy_ptr, x_ptr, dx_ptr, mean_ptr, scale_ptr, shift_ptr, k1_ptr, k
     k2 = tl.load(k2_ptr + cc, mask=cmask, other=0.0)[None, :]
     k3 = tl.load(k3_ptr + cc, mask=cmask, other=0.0)[None, :]
     pre = tl.fma(x, scale, shift)
-    g = tl.where(pre <= 0.0, 0.0, dy)
-    dx = g * k1 + ((x - mean) * k3 + k2)
+    g = _act_grad(pre, dy, slope)
+    if TRAINING:
+        dx = g * k1 + ((x - mean) * k3 + k2)
+    else:  # k2 = k3 = 0: (x - mean) * 0 would turn an infinite x's finite gradient into NaN
+        dx = g * k1
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
@@ -253,14 +293,27 @@ def _match(dy, x):
     return dy.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
 
 
-def forward(input, running_mean, running_var, weight, bias, training, momentum, eps):
-    """-> (y, save_mean, save_invstd); running stats updated in place in training mode."""
+def _contig(t):
+    return None if t is None else t.contiguous()
+
+
+def forward(input, running_mean, running_var, weight, bias, training, momentum, eps, negative_slope=0.0):
+    """-> (y, save_mean, save_invstd); running stats (contiguous) updated in place in training mode."""
     x, N, C, S, sN, sC, sS = _layout(input)
     R = N * S
     dev = x.device
     y = _empty_like(x)
     mean = new_empty((C,), dtype=torch.float32, device=dev)
     invstd = new_empty((C,), dtype=torch.float32, device=dev)
+    if C == 0:
+        return y, mean, invstd
+    if training and R == 0:  # no data: running stats unchanged, zero gradients in the backward
+        mean.zero_()
+        invstd.zero_()
+        return y, mean, invstd
+    weight, bias = _contig(weight), _contig(bias)
+    if not training:
+        running_mean, running_var = _contig(running_mean), _contig(running_var)
     scale = torch.empty((C,), dtype=torch.float32, device=dev)
     shift = torch.empty((C,), dtype=torch.float32, device=dev)
     BLOCK_R, BLOCK_C = _blocks(C, S, sC)
@@ -269,28 +322,27 @@ def forward(input, running_mean, running_var, weight, bias, training, momentum, 
     dummy = scale
     if training and R > 0:
         n_prog, rpp = _row_split(R, BLOCK_R, n_cb)
-        pmean = torch.empty((n_prog, C), dtype=torch.float32, device=dev)
-        pm2 = torch.empty((n_prog, C), dtype=torch.float32, device=dev)
-        _bnr_stats_partial[(n_cb, n_prog)](x, pmean, pm2, C, S, R, sN, sC, sS, rpp,
+        pmean = torch.empty((n_prog, C), dtype=torch.float64, device=dev)
+        pm2 = torch.empty((n_prog, C), dtype=torch.float64, device=dev)
+        psum = torch.empty((n_prog, C), dtype=torch.float64, device=dev)
+        _bnr_stats_partial[(n_cb, n_prog)](x, pmean, pm2, psum, C, S, R, sN, sC, sS, rpp,
                                            BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
     else:
         n_prog, rpp = 0, 1
-        pmean = pm2 = dummy
-    if training and R == 0:
-        raise ValueError("batch_norm_relu (triton): training needs at least 2 values per channel, got 0")
+        pmean = pm2 = psum = torch.empty((1,), dtype=torch.float64, device=dev)  # (unread; the AOT signature)
     _bnr_fold[(triton.cdiv(C, _FOLD_BLOCK_C),)](
-        x, sC, pmean, pm2, running_mean if has_running else dummy, running_var if has_running else dummy,
+        x, sC, pmean, pm2, psum, running_mean if has_running else dummy, running_var if has_running else dummy,
         weight if weight is not None else dummy, bias if bias is not None else dummy,
         mean, invstd, scale, shift, C, R, rpp, n_prog, float(momentum), float(eps),
         TRAINING=bool(training), HAS_RUNNING=has_running, HAS_W=weight is not None, HAS_B=bias is not None,
         BLOCK_C=_FOLD_BLOCK_C)
     if R > 0:
-        _bnr_apply[(n_cb, triton.cdiv(R, BLOCK_R))](x, y, scale, shift, C, S, R, sN, sC, sS,
+        _bnr_apply[(n_cb, triton.cdiv(R, BLOCK_R))](x, y, scale, shift, C, S, R, sN, sC, sS, float(negative_slope),
                                                      BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
     return y, mean, invstd
 
 
-def backward(grad_out, input, weight, bias, mean, invstd, training):
+def backward(grad_out, input, weight, bias, mean, invstd, training, negative_slope=0.0):
     """-> (grad_input, grad_weight, grad_bias)."""
     x, N, C, S, sN, sC, sS = _layout(input)
     dy = _match(grad_out, x)
@@ -300,32 +352,34 @@ def backward(grad_out, input, weight, bias, mean, invstd, training):
     pdt = weight.dtype if weight is not None else (bias.dtype if bias is not None else torch.float32)
     dw = new_empty((C,), dtype=pdt, device=dev)
     db = new_empty((C,), dtype=pdt, device=dev)
+    if C == 0:
+        return dx, dw, db
+    if R == 0:  # no data: zero gradients (as torch), whatever the saved statistics
+        return dx, dw.zero_(), db.zero_()
+    mean, invstd = mean.contiguous(), invstd.contiguous()
     scale = torch.empty((C,), dtype=torch.float32, device=dev)
     shift = torch.empty((C,), dtype=torch.float32, device=dev)
     # scale / shift exactly as the forward folded them (same fma) -> same ReLU mask
-    w = weight.float() if weight is not None else torch.ones((C,), dtype=torch.float32, device=dev)
-    b = bias.float() if bias is not None else torch.zeros((C,), dtype=torch.float32, device=dev)
+    w = weight.float().contiguous() if weight is not None else torch.ones((C,), dtype=torch.float32, device=dev)
+    b = bias.float().contiguous() if bias is not None else torch.zeros((C,), dtype=torch.float32, device=dev)
     _bnr_refold(mean, invstd, w, b, scale, shift, C)
     k1 = torch.empty((C,), dtype=torch.float32, device=dev)
     k2 = torch.empty_like(k1)
     k3 = torch.empty_like(k1)
     BLOCK_R, BLOCK_C = _blocks(C, S, sC)
     n_cb = triton.cdiv(C, BLOCK_C)
-    if R > 0:
-        n_prog, rpp = _row_split(R, BLOCK_R, n_cb)
-        p1 = torch.empty((n_prog, C), dtype=torch.float32, device=dev)
-        p2 = torch.empty((n_prog, C), dtype=torch.float32, device=dev)
-        _bnr_bwd_partial[(n_cb, n_prog)](dy, x, mean, scale, shift, p1, p2, C, S, R, sN, sC, sS, rpp,
-                                         BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
-    else:
-        n_prog = 0
-        p1 = p2 = k1
+    slope = float(negative_slope)
+    n_prog, rpp = _row_split(R, BLOCK_R, n_cb)
+    p1 = torch.empty((n_prog, C), dtype=torch.float32, device=dev)
+    p2 = torch.empty((n_prog, C), dtype=torch.float32, device=dev)
+    _bnr_bwd_partial[(n_cb, n_prog)](dy, x, mean, scale, shift, p1, p2, C, S, R, sN, sC, sS, rpp, slope,
+                                     BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
     _bnr_bwd_final[(triton.cdiv(C, _FOLD_BLOCK_C),)](
         p1, p2, invstd, w, dw, db, k1, k2, k3, C, R, n_prog,
         TRAINING=bool(training), HAS_W=True, BLOCK_C=_FOLD_BLOCK_C)
-    if R > 0:
-        _bnr_bwd_dx[(n_cb, triton.cdiv(R, BLOCK_R))](dy, x, dx, mean, scale, shift, k1, k2, k3, C, S, R, sN, sC, sS,
-                                                      BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=_DX_NUM_WARPS)
+    _bnr_bwd_dx[(n_cb, triton.cdiv(R, BLOCK_R))](dy, x, dx, mean, scale, shift, k1, k2, k3, C, S, R, sN, sC, sS,
+                                                  slope, TRAINING=bool(training), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+                                                  num_warps=_DX_NUM_WARPS)
     return dx, dw, db
 
 
@@ -370,27 +424,31 @@ def aot_specs():
             cx = {"BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
             specs.append(AotSpec(
                 f"batch_norm_relu_stats_partial[{dt},{layout}]", _bnr_stats_partial,
-                {"x_ptr": f"*{dt}", "pmean_ptr": "*fp32", "pm2_ptr": "*fp32", **strides, "rows_per_prog": "i32", **cx},
+                {"x_ptr": f"*{dt}", "pmean_ptr": "*fp64", "pm2_ptr": "*fp64", "psum_ptr": "*fp64", **strides, "rows_per_prog": "i32", **cx},
                 blk))
             specs.append(AotSpec(
                 f"batch_norm_relu_apply[{dt},{layout}]", _bnr_apply,
-                {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "scale_ptr": "*fp32", "shift_ptr": "*fp32", **strides, **cx},
+                {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "scale_ptr": "*fp32", "shift_ptr": "*fp32", **strides,
+                 "slope": "fp32", **cx},
                 blk))
             specs.append(AotSpec(
                 f"batch_norm_relu_bwd_partial[{dt},{layout}]", _bnr_bwd_partial,
                 {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "mean_ptr": "*fp32", "scale_ptr": "*fp32",
-                 "shift_ptr": "*fp32", "p1_ptr": "*fp32", "p2_ptr": "*fp32", **strides, "rows_per_prog": "i32", **cx},
+                 "shift_ptr": "*fp32", "p1_ptr": "*fp32", "p2_ptr": "*fp32", **strides, "rows_per_prog": "i32",
+                 "slope": "fp32", **cx},
                 blk))
-            specs.append(AotSpec(
-                f"batch_norm_relu_bwd_dx[{dt},{layout}]", _bnr_bwd_dx,
-                {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "mean_ptr": "*fp32", "scale_ptr": "*fp32",
-                 "shift_ptr": "*fp32", "k1_ptr": "*fp32", "k2_ptr": "*fp32", "k3_ptr": "*fp32", **strides, **cx},
-                blk, num_warps=_DX_NUM_WARPS))
+            for training in (True, False):
+                specs.append(AotSpec(
+                    f"batch_norm_relu_bwd_dx[{dt},{layout},training={training}]", _bnr_bwd_dx,
+                    {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "mean_ptr": "*fp32",
+                     "scale_ptr": "*fp32", "shift_ptr": "*fp32", "k1_ptr": "*fp32", "k2_ptr": "*fp32",
+                     "k3_ptr": "*fp32", **strides, "slope": "fp32", "TRAINING": "constexpr", **cx},
+                    {**blk, "TRAINING": training}, num_warps=_DX_NUM_WARPS))
         pdt = "fp32"
         for training in (True, False):
             specs.append(AotSpec(
                 f"batch_norm_relu_fold[{dt},training={training}]", _bnr_fold,
-                {"x_ptr": f"*{dt}", "sC": "i32", "pmean_ptr": "*fp32", "pm2_ptr": "*fp32", "rm_ptr": f"*{pdt}", "rv_ptr": f"*{pdt}",
+                {"x_ptr": f"*{dt}", "sC": "i32", "pmean_ptr": "*fp64", "pm2_ptr": "*fp64", "psum_ptr": "*fp64", "rm_ptr": f"*{pdt}", "rv_ptr": f"*{pdt}",
                  "w_ptr": f"*{pdt}", "b_ptr": f"*{pdt}", "mean_ptr": "*fp32", "invstd_ptr": "*fp32",
                  "scale_ptr": "*fp32", "shift_ptr": "*fp32", "C": "i32", "R": "i32", "rows_per_prog": "i32",
                  "n_prog_r": "i32", "momentum": "fp32", "eps": "fp32", "TRAINING": "constexpr",
@@ -406,7 +464,7 @@ def aot_specs():
         if dt != "fp32":  # params in the input's dtype
             specs.append(AotSpec(
                 f"batch_norm_relu_fold[{dt},params={dt}]", _bnr_fold,
-                {"x_ptr": f"*{dt}", "sC": "i32", "pmean_ptr": "*fp32", "pm2_ptr": "*fp32", "rm_ptr": f"*{dt}", "rv_ptr": f"*{dt}",
+                {"x_ptr": f"*{dt}", "sC": "i32", "pmean_ptr": "*fp64", "pm2_ptr": "*fp64", "psum_ptr": "*fp64", "rm_ptr": f"*{dt}", "rv_ptr": f"*{dt}",
                  "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "mean_ptr": "*fp32", "invstd_ptr": "*fp32",
                  "scale_ptr": "*fp32", "shift_ptr": "*fp32", "C": "i32", "R": "i32", "rows_per_prog": "i32",
                  "n_prog_r": "i32", "momentum": "fp32", "eps": "fp32", "TRAINING": "constexpr",

@@ -48,6 +48,23 @@ GK_HD void fold(double mean, double invstd, double w, double b, double& scale, d
 template <typename acc_t>
 GK_HD bool relu_passes(acc_t pre) { return !(pre <= acc_t(0)); }
 
+// The activation: slope == 0 is torch.relu (max(pre, 0), NaN propagates, -inf -> 0), slope > 0
+// is torch's leaky_relu (pre > 0 ? pre : pre * slope).  One formula for both:
+template <typename acc_t>
+GK_HD acc_t act(acc_t pre, acc_t slope) {
+  return pre <= acc_t(0) ? (slope == acc_t(0) ? acc_t(0) : pre * slope) : pre;
+}
+// Its gradient as torch's backward kernels have it: relu (threshold_backward on the output)
+// lets the gradient through at a NaN pre-activation; leaky_relu_backward
+// (pre > 0 ? g : g * slope) scales it.  Where the gate is closed with slope 0 the result is 0
+// even for an infinite g (a select, not g * 0).
+template <typename acc_t>
+GK_HD acc_t act_grad(acc_t pre, acc_t g, acc_t slope) {
+  if (pre > acc_t(0)) return g;
+  if (slope == acc_t(0)) return pre <= acc_t(0) ? acc_t(0) : g;
+  return g * slope;
+}
+
 // Running-stat update (F.batch_norm): new = (1 - momentum) * old + momentum * batch_stat,
 // with the unbiased variance var * n / (n - 1).
 GK_HD double running_update(double old, double batch_stat, double momentum) {
@@ -76,14 +93,14 @@ int64_t cuda_bwd_workspace(int64_t N, int64_t C, int64_t S, bool rows);
 // running_mean / running_var / weight / bias: contiguous (C,) of dtype pt, or nullptr.
 cudaError_t cuda_forward(Dtype xt, Dtype pt, const void* x, void* y, int64_t N, int64_t C, int64_t S, bool rows,
                          void* running_mean, void* running_var, const void* weight, const void* bias,
-                         bool training, double momentum, double eps, void* save_mean, void* save_invstd,
-                         void* workspace, cudaStream_t stream);
+                         bool training, double momentum, double eps, double negative_slope, void* save_mean,
+                         void* save_invstd, void* workspace, cudaStream_t stream);
 
 // grad_weight / grad_bias: (C,) of dtype pt (always written).
 cudaError_t cuda_backward(Dtype xt, Dtype pt, const void* dy, const void* x, void* dx, int64_t N, int64_t C,
                           int64_t S, bool rows, const void* weight, const void* bias, const void* save_mean,
-                          const void* save_invstd, bool training, void* grad_weight, void* grad_bias,
-                          void* workspace, cudaStream_t stream);
+                          const void* save_invstd, bool training, double negative_slope, void* grad_weight,
+                          void* grad_bias, void* workspace, cudaStream_t stream);
 }  // namespace bnr
 }  // namespace gankern
 #endif
