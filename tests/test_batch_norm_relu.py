@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import gankern
+from gankern import _backends
 from conftest import CPU_BACKENDS
 from tolerances import assert_close, sqrt_scale
 
@@ -331,6 +332,10 @@ def test_large_offset_small_spread(backend, shape, fmt):
     """Channel offset 1e4, spread 1e-2 in fp32: a naive E[x^2] - E[x]^2 would give garbage."""
     if backend == "triton":
         shape = (shape[0] // 4,) + shape[1:]
+        if _backends._version("triton") < (3, 9):
+            # the kernel applies fma(x, scale, shift); before 3.9 the interpreter computes tl.fma as x * y + z
+            # (two roundings, ~2x the error at |x * scale| ~ 1e6), which no GPU does
+            pytest.skip("Triton < 3.9's interpreter does not round tl.fma once (GPUs do)")
     C = shape[1]
     offsets = 1e4 * (1 + torch.arange(C, dtype=torch.float64) / C)
     view = (1, C) + (1,) * (len(shape) - 2)
