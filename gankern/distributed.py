@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 
 import torch
@@ -291,7 +292,9 @@ class DistContext:
     def wrap(self, G, D, sync_bn=None):
         """(G_train, D_train): the models the training step calls.  Under torchrun they are
         DistributedDataParallel wrappers (after converting BatchNorm to the synchronized kind when
-        ``sync_bn``; None = when the model has BatchNorm) with ``broadcast_buffers=False``:
+        ``sync_bn``; None = when the model has BatchNorm) that do not broadcast buffers before each
+        forward (``broadcast_buffers=False``, called ``forward_sync_buffers=False`` since torch 2.13; the
+        buffers are still made equal once, when DDP is built):
 
         * the BatchNorm running statistics need no broadcast: with synchronized BatchNorm every rank
           computes the same global statistics (same bits), so the buffers stay identical without a
@@ -314,8 +317,12 @@ class DistContext:
                 assert m2 is m  # models are containers: converted in place
             kw = dict(device_ids=[self.device.index], output_device=self.device.index) \
                 if self.device.type == "cuda" else {}
-            out.append(DDP(m, broadcast_buffers=False, **kw) if any(p.requires_grad for p in m.parameters())
-                       else m)
+            # torch 2.13 renamed the option (forward_sync_buffers; buffers are still synced once at init)
+            if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+                kw["forward_sync_buffers"] = False
+            else:
+                kw["broadcast_buffers"] = False
+            out.append(DDP(m, **kw) if any(p.requires_grad for p in m.parameters()) else m)
         return tuple(out)
 
     # ---------------------------------------------------------------- during training

@@ -318,6 +318,146 @@ def test_convert_sync_batchnorm_round_trip_and_torch_state_dict():
 
 
 # =================================================================================================
+# the trainer on 2 ranks (the environment torchrun sets, or torchrun itself)
+
+SEED, BATCH, STEPS = 3, 32, 60
+TRAIN_ARGS = ["--device", "cpu", "--batch-size", str(BATCH), "--seed", str(SEED), "--log-every", "1",
+              "--ckpt-every", "20", "--keep", "10", "--sample-every", "0", "--no-eval", "--quiet"]
+
+
+def start_ranks(out, steps, *extra, world=2):
+    """``python -m gankern train`` on ``world`` ranks with torchrun's environment variables, no agent."""
+    port = free_port()
+    return [subprocess.Popen([sys.executable, "-m", "gankern", "train", *TRAIN_ARGS, "--steps", str(steps),
+                              "--out", str(out), *extra],
+                             env=child_env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=world, LOCAL_WORLD_SIZE=world,
+                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+            for r in range(world)]
+
+
+def metric_rows(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """A 2-rank run under torchrun itself (--standalone: its own rendezvous on a free port)."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "gankern", "train", *TRAIN_ARGS, "--steps", str(STEPS), "--out", str(out)],
+                         env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    (rc, o, e), = finish([p], 240, "torchrun --nproc_per_node=2 -m gankern train")
+    assert rc == 0, o[-3000:] + e[-5000:]
+    return out
+
+
+def test_ddp_training_equals_one_process_on_the_same_global_batches(ddp_run):
+    """D has no BatchNorm, G the synchronized one: 2 ranks x 16 rows == 1 process x 32 rows, step by step."""
+    from gankern.data import InfiniteSampler, load_dataset
+    from gankern.distributed import rank_seed
+    from gankern.models import make_models
+    from gankern.train import CheckpointError, TrainConfig, load_checkpoint, make_optimizers, make_train_step  # noqa
+    dev = torch.device("cpu")
+    data = load_dataset("digits")
+    with torch.random.fork_rng():
+        torch.manual_seed(SEED)
+        G, D = make_models("mlp", data.image_shape, 64, fused=True)
+        assert not any(isinstance(m, torch.nn.modules.batchnorm._NormBase) for m in D.modules())
+        gens = [torch.Generator(), torch.Generator().manual_seed(rank_seed(SEED, 1))]
+        gens[0].set_state(torch.get_rng_state())  # rank 0 continues the global stream after the model init
+    cfg = TrainConfig(batch_size=BATCH, seed=SEED)
+    opt_g, opt_d = make_optimizers(G, D, cfg, dev)
+    b = BATCH // 2
+    step = make_train_step(G, D, opt_g, opt_d, z_dim=64, batch_size=BATCH, device=dev,
+                           noise=lambda: torch.cat([torch.randn(b, 64, generator=g) for g in gens]))
+    sampler = InfiniteSampler(len(data), BATCH, seed=SEED)
+    ref = []
+    for _ in range(STEPS):
+        ld, lg, dr, df = (t.detach() for t in step(data.x[sampler.next()]))
+        ref.append([float(ld), float(lg), float(torch.sigmoid(dr).mean()), float(torch.sigmoid(df).mean())])
+    rows = metric_rows(ddp_run)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    got = torch.tensor([[r["loss_d"], r["loss_g"], r["d_x"], r["d_g_z"]] for r in rows], dtype=torch.float64)
+    assert_close(got, torch.tensor(ref, dtype=torch.float64), torch.float32, scale=10, name="losses per step")
+    ck = load_checkpoint(os.path.join(ddp_run, f"ckpt_{STEPS:08d}.pt"))
+    for name, mod in (("G", G), ("D", D)):
+        sd = mod.state_dict()
+        assert list(ck[name]) == list(sd)  # no "module." prefix: the checkpoint loads into a plain model
+        for k, v in sd.items():
+            if v.is_floating_point():
+                assert_close(ck[name][k], v.double(), torch.float32, scale=10, name=f"{name}.{k} after {STEPS} steps")
+            else:
+                assert torch.equal(ck[name][k], v), f"{name}.{k}"
+    assert len(ck["rng"]["ranks"]) == 2 and json.load(open(os.path.join(ddp_run, "config.json")))["world_size"] == 2
+
+
+def test_ddp_checkpoint_samples_and_evaluates_in_one_process(ddp_run, tmp_path):
+    ck = os.path.join(ddp_run, f"ckpt_{STEPS:08d}.pt")
+    r = subprocess.run([sys.executable, "-m", "gankern", "sample", "--checkpoint", ck, "--n", "8", "--device", "cpu",
+                        "--out", str(tmp_path / "s.npy")], env=child_env(), capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import numpy as np
+    assert np.load(tmp_path / "s.npy").shape == (8, 64)
+    # rank 0 alone wrote the run folder: one metrics line per step, no files from rank 1
+    assert sorted(os.listdir(ddp_run)) == sorted(["config.json", "metrics.jsonl", "final_metrics.json", "loss.png",
+                                                  "samples"] + [f"ckpt_{s:08d}.pt" for s in (20, 40, 60)])
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory):
+    """2 ranks with a target far away; rank 1 is killed (SIGKILL) once a checkpoint exists."""
+    out = tmp_path_factory.mktemp("killed") / "run"
+    procs = start_ranks(out, 100000)
+    deadline = time.monotonic() + 180
+    while not os.path.exists(os.path.join(out, "ckpt_00000020.pt")):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            outs = [p.communicate() for p in procs]
+            pytest.fail("the run did not reach its first checkpoint:\n" + "\n".join(o[1][-3000:] for o in outs))
+        time.sleep(0.02)
+    procs[1].send_signal(signal.SIGKILL)
+    t = time.monotonic()
+    (rc0, o0, e0), (rc1, _, _) = finish(procs, 90, "rank 0 after rank 1 was killed")
+    return out, rc0, e0, time.monotonic() - t
+
+
+def test_a_dead_rank_makes_the_others_exit_with_a_clear_error(killed_run):
+    out, rc0, err0, waited = killed_run
+    assert rc0 != 0
+    assert "gankern train: error: rank 0 of 2: a collective with the other ranks failed" in err0, err0[-3000:]
+    assert waited < 60
+
+
+def test_killed_run_resumes_exactly(killed_run, ddp_run):
+    out = killed_run[0]
+    latest = max(int(f[5:13]) for f in os.listdir(out) if f.startswith("ckpt_"))
+    assert latest < STEPS, f"the killed run had already reached step {latest}"
+    outs = finish(start_ranks(out, STEPS, "--resume"), 180, "the resumed 2-rank run")
+    for r, (rc, o, e) in enumerate(outs):
+        assert rc == 0, f"rank {r}: {e[-3000:]}"
+    keys = ("step", "loss_d", "loss_g", "d_x", "d_g_z")
+    assert [[r[k] for k in keys] for r in metric_rows(out)] == [[r[k] for k in keys] for r in metric_rows(ddp_run)]
+    from gankern.train import load_checkpoint
+    a = load_checkpoint(os.path.join(out, f"ckpt_{STEPS:08d}.pt"))
+    b = load_checkpoint(os.path.join(ddp_run, f"ckpt_{STEPS:08d}.pt"))
+    for name in ("G", "D"):
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), f"{name}.{k} differs after the resume"
+    for ra, rb in zip(a["rng"]["ranks"], b["rng"]["ranks"]):
+        assert torch.equal(ra["torch"], rb["torch"])
+
+
+def test_batch_not_divisible_by_world_size_is_a_clear_error(tmp_path):
+    outs = finish(start_ranks(tmp_path / "run", 5, "--batch-size", "33"), 120, "2 ranks with --batch-size 33")
+    for rc, o, e in outs:
+        assert rc == 2 and "must be divisible by the number of ranks" in e, e[-2000:]
+
+
+# =================================================================================================
 # worker dispatch
 
 if __name__ == "__main__":
