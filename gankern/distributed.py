@@ -301,10 +301,12 @@ class DistContext:
           collective (tested); with ``--no-sync-bn`` each rank keeps its own, and rank 0's (the ones a
           one-device run would have had) are saved and sampled from;
         * with ``broadcast_buffers=True`` DDP copies rank 0's buffers in place before *every* forward: a
-          model called twice before its backward (a discriminator scoring real and fake in two forwards)
-          then has a saved tensor modified in place and torch raises "one of the variables needed for
-          gradient computation has been modified by an inplace operation"; and it costs one broadcast per
-          forward.
+          model with BatchNorm called twice before its backward (a discriminator scoring real and fake in
+          two forwards) then has a tensor saved for the backward modified in place, and torch raises "one
+          of the variables needed for gradient computation has been modified by an inplace operation"
+          (with cuDNN's BatchNorm, which saves the running statistics: pytorch/pytorch#175024, #22095;
+          torch's CPU kernel does not save them, so on CPU it trains either way); and it costs one
+          broadcast per forward.
         The unwrapped modules stay the ones to sample from, save and load (no "module." prefix).
         """
         if not self.enabled:

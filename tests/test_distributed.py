@@ -250,6 +250,66 @@ def test_sync_batch_norm_two_ranks(bn_results, case):
 
 
 # =================================================================================================
+# DDP buffers: why the trainer does not broadcast them before each forward
+
+def buffers_worker(rank, world, port):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from gankern.distributed import DistContext
+    from gankern.models import make_models
+    from gankern.train import TrainConfig, make_optimizers, make_train_step
+    init_worker(rank, world, port)
+    res = {}
+    dev = torch.device("cpu")
+    torch.manual_seed(0)
+    G, D = make_models("mlp", (8, 8), 16, fused=True)
+    opt_g, opt_d = make_optimizers(G, D, TrainConfig(), dev)
+    Gt, Dt = DistContext(dev, rank, world, rank, enabled=True).wrap(G, D)
+    res["wrapped"] = isinstance(Gt, DDP) and isinstance(Dt, DDP) and \
+        type(G.blocks[0].bn).__name__ == "SyncBatchNormReLU"
+    res["no_forward_broadcast"] = not getattr(Gt, "forward_sync_buffers", getattr(Gt, "broadcast_buffers", True))
+    torch.manual_seed(100 + rank)  # each rank its own noise and data: the buffers must still agree
+    step = make_train_step(Gt, Dt, opt_g, opt_d, z_dim=16, batch_size=8, device=dev)
+    for _ in range(4):
+        step(torch.rand(8, 64))
+    bufs = [torch.cat([b.double().flatten() for b in G.buffers()]),
+            torch.cat([p.detach().double().flatten() for p in G.parameters()])]
+    got = [None] * world
+    dist.all_gather_object(got, bufs)
+    res["buffers_equal"] = all(torch.equal(g[0], got[0][0]) for g in got)
+    res["params_equal"] = all(torch.equal(g[1], got[0][1]) for g in got)
+    # The pitfall: a module with BatchNorm called twice before its backward, buffers broadcast before each
+    # forward (DDP's default) -> torch's in-place error on CUDA; without the broadcast it trains.
+    errs = {}
+    for bcast, train in ((True, True), (False, True), (True, False), (False, False)):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 1)).train(train)
+        kw = {"forward_sync_buffers": bcast} if "forward_sync_buffers" in DDP.__init__.__code__.co_varnames \
+            else {"broadcast_buffers": bcast}
+        dm = DDP(m, **kw)
+        try:
+            (dm(torch.randn(8, 4)).mean() + dm(torch.randn(8, 4)).mean()).backward()
+            errs[bcast, train] = None
+        except RuntimeError as e:
+            errs[bcast, train] = str(e)
+    # (With broadcast the error needs a BatchNorm kernel that saves the running statistics for its backward:
+    # cuDNN's, pytorch/pytorch#175024; torch's CPU kernel does not, so here it trains either way.)
+    res["no_broadcast_trains"] = errs[False, True] is None and errs[False, False] is None
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank == 0:
+        print("RESULTS " + json.dumps(res))
+
+
+def test_ddp_buffers_stay_equal_without_broadcast():
+    outs = spawn_workers("buffers", timeout=180)
+    line = [ln for ln in outs[0][1].splitlines() if ln.startswith("RESULTS ")]
+    res = json.loads(line[-1][len("RESULTS "):])
+    assert res == {"wrapped": True, "no_forward_broadcast": True, "buffers_equal": True, "params_equal": True,
+                   "no_broadcast_trains": True}, res
+
+
+# =================================================================================================
 # single process: conversion, state_dict, the unsynchronized paths
 
 def test_sync_bn_without_process_group_is_the_fused_layer():
@@ -462,4 +522,4 @@ def test_batch_not_divisible_by_world_size_is_a_clear_error(tmp_path):
 
 if __name__ == "__main__":
     mode, rank, world, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    {"bn": bn_worker}[mode](rank, world, port)
+    {"bn": bn_worker, "buffers": buffers_worker}[mode](rank, world, port)
