@@ -101,7 +101,8 @@ class _SyncBatchNormAct(torch.autograd.Function):
         f64 = torch.float64
         buf = torch.zeros(2 * C + 1, dtype=f64, device=input.device)
         if n_local > 0:
-            var, mean = torch.var_mean(input, dim=dims, correction=0)
+            xs = input if input.dtype in (torch.float32, f64) else input.float()  # fp16/bf16: float32 statistics
+            var, mean = torch.var_mean(xs, dim=dims, correction=0)
             mean = mean.to(f64)
             buf[0] = n_local
             buf[1:C + 1] = mean * n_local

@@ -517,6 +517,22 @@ def test_batch_not_divisible_by_world_size_is_a_clear_error(tmp_path):
         assert rc == 2 and "must be divisible by the number of ranks" in e, e[-2000:]
 
 
+def test_cli_flags_and_single_process_context(capsys):
+    from gankern.cli import main
+    from gankern.distributed import DistContext, launched_by_torchrun, rank_seed, setup
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--sync-bn" in out and "--no-sync-bn" in out and "torchrun" in out
+    assert not launched_by_torchrun()  # the test process has no torchrun environment
+    ctx = setup(torch.device("cpu"))
+    assert isinstance(ctx, DistContext) and not ctx.enabled and ctx.is_main and ctx.world == 1
+    idx = torch.arange(6)
+    assert ctx.local_rows(idx) is idx and ctx.local_batch_size(6) == 6
+    assert ctx.share(lambda: 41) == 41
+    assert rank_seed(5, 0) == 5 and rank_seed(5, 1) != rank_seed(5, 2) != 5 and 0 <= rank_seed(5, 1) < 2 ** 63
+
+
 # =================================================================================================
 # worker dispatch
 
