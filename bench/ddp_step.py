@@ -95,6 +95,14 @@ def worker(mode, rank, world, port, steps, chunks):
                 dist.all_reduce(buf)
                 ts.append(time.perf_counter() - t)
             res[f"allreduce_{name}_grads_ms"] = statistics.median(ts[3:]) * 1e3
+        small = torch.zeros(2 * 1024 + 1, dtype=torch.float64)  # the largest BatchNorm statistics all-reduce
+        ts = []
+        for _ in range(30):
+            dist.barrier()
+            t = time.perf_counter()
+            dist.all_reduce(small)
+            ts.append(time.perf_counter() - t)
+        res["allreduce_bn_stats_alone_ms"] = statistics.median(ts[5:]) * 1e3
     if mode != "single":
         dist.barrier()
         dist.destroy_process_group()
@@ -132,13 +140,16 @@ def main():
         for mode in ("ddp", "local", "single"):
             res = launch(mode, a.steps, a.chunks)
             res["round"] = r
+            res["loadavg_1min_after"] = os.getloadavg()[0]
             allr.append(res)
             extra = ""
             if mode == "ddp":
                 extra = (f"  (sync-BN all-reduces: {res['bn_allreduce_ms_per_step']:.3f} ms/step in "
                          f"{res['bn_allreduces_per_step']:.0f} calls; alone: all-reduce of G grads "
-                         f"{res['allreduce_G_grads_ms']:.3f} ms, D grads {res['allreduce_D_grads_ms']:.3f} ms)")
-            print(f"round {r}  {mode:7s} {res['ms_per_step']:8.3f} ms/step  chunks {res['chunks_ms']}{extra}",
+                         f"{res['allreduce_G_grads_ms']:.3f} ms, D grads {res['allreduce_D_grads_ms']:.3f} ms, "
+                         f"one BN-statistics all-reduce {res['allreduce_bn_stats_alone_ms']:.3f} ms)")
+            print(f"round {r}  {mode:7s} {res['ms_per_step']:8.3f} ms/step  chunks {res['chunks_ms']}  "
+                  f"load {res['loadavg_1min_after']:.1f}{extra}",
                   flush=True)
     print("\nmedian over rounds (ms/step):")
     for mode in ("ddp", "local", "single"):
