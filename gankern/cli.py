@@ -12,6 +12,7 @@ Examples:
   gankern train --demo                         # MLP GAN on the bundled 8x8 digits, ~2 min on 2 CPU cores
   gankern train --dataset mnist --data-dir ~/data/mnist --steps 20000 --out runs/mnist
   gankern train --out runs/mnist --steps 40000 --resume   # continue that run to 40000 steps
+  torchrun --nproc_per_node=2 -m gankern train --device cpu --steps 2000 --out runs/ddp   # 2 ranks (DDP)
 """
 
 
@@ -53,6 +54,8 @@ def _train_parser(sub):
       help="also time the same loop with plain-PyTorch layers and print the speed ratio")
     a("--quiet", action="store_true", default=None, help="no progress bar or periodic lines; final summary only")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    a("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+      help="under torchrun: synchronize BatchNorm statistics over all ranks (default: on for models with BatchNorm)")
     return p
 
 
@@ -242,9 +245,13 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from .data import DataError
+    from .distributed import DistributedError
     from .train import CheckpointError
     try:
         return args.func(args) or 0
+    except DistributedError as e:
+        print(f"gankern {args.cmd}: error: {e}", file=sys.stderr)
+        return 3
     except (DataError, CheckpointError, FileExistsError) as e:
         print(f"gankern {args.cmd}: error: {e}", file=sys.stderr)
         return 2

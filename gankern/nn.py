@@ -326,3 +326,84 @@ class BCEWithLogitsLoss(_Loss):
 
     def extra_repr(self) -> str:
         return "" if self.backend is None else f"backend={self.backend!r}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Synchronized BatchNorm + ReLU (multi-device training; the collectives live in gankern/distributed.py)
+
+class SyncBatchNormReLU(_BatchNormReLU):
+    r"""``torch.nn.SyncBatchNorm`` followed by ``nn.ReLU``, on gankern's fused kernels.
+
+    Same arguments as ``torch.nn.SyncBatchNorm`` (``process_group``: None = the whole world) plus
+    ``backend``; same parameters, buffers and state_dict (keys and version) as ``torch.nn.SyncBatchNorm``
+    and ``nn.BatchNorm*d``.  Any input of 2 or more dimensions ((N, C), (N, C, L), (N, C, H, W),
+    contiguous or channels-last).  In training mode with an initialised process group of more than one
+    rank, the batch statistics are those of the whole group's batch (one all-reduce per forward, one
+    per backward; see ``gankern.distributed``); in eval mode, with one rank, or with no process group,
+    it is exactly ``BatchNormReLU1d/2d``.  Usually made by ``convert_sync_batchnorm(model)``.
+
+    ``negative_slope`` (class default 0.0 = ReLU) is what the activation after the normalisation uses;
+    ``convert_sync_batchnorm`` copies it from the module it converts.
+    """
+
+    negative_slope: float = 0.0
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
+                 bias: bool = True, backend: str | None = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+                         backend=backend)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: Tensor) -> Tensor:
+        from .distributed import local_batch_norm_act, sync_batch_norm_act, sync_needed
+        self._check_input_dim(input)
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+        if self.momentum is None:
+            factor = 0.0
+        else:
+            factor = self.momentum
+        if self.training and self.track_running_stats:
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        running_mean = self.running_mean if not self.training or self.track_running_stats else None
+        running_var = self.running_var if not self.training or self.track_running_stats else None
+        sync = bn_training and self.training and sync_needed(self.process_group)
+        if bn_training and not sync:
+            _verify_batch_size(input.size())
+        slope = float(self.negative_slope)
+
+        ref = self.weight if self.weight is not None else self.running_mean
+        low = ref is not None and input.dtype in _LOW and ref.dtype == torch.float32
+        x = input.float() if low else input
+        if sync:
+            out = sync_batch_norm_act(x, running_mean, running_var, self.weight, self.bias, factor, self.eps, slope,
+                                      self.process_group, self.backend)
+        else:
+            out = local_batch_norm_act(x, running_mean, running_var, self.weight, self.bias, bn_training, factor,
+                                       self.eps, slope, self.backend)
+        return out.to(input.dtype) if low else out
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self.negative_slope != 0.0:
+            s += f", negative_slope={self.negative_slope}"
+        return s
+
+
+def convert_sync_batchnorm(module: Module, process_group=None) -> Module:
+    """Mirror of ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: gankern BatchNorm+ReLU layers become
+    ``SyncBatchNormReLU``, torch ``BatchNorm*d`` become ``torch.nn.SyncBatchNorm``; same Parameters,
+    buffers and state_dict keys.  See ``gankern.distributed.convert_sync_batchnorm``."""
+    from .distributed import convert_sync_batchnorm as _convert
+    return _convert(module, process_group)
+
+
+__all__ += ["SyncBatchNormReLU", "convert_sync_batchnorm"]

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
+from . import distributed
 from .data import InfiniteSampler, load_dataset
 from .models import make_models, set_backend
 
@@ -65,6 +66,7 @@ class TrainConfig:
     quiet: bool = False
     demo: bool = False
     compare_torch: bool = False
+    sync_bn: bool | None = None         # under torchrun: synchronized BatchNorm (None: when the model has BatchNorm)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -132,11 +134,14 @@ def make_optimizers(G, D, cfg: TrainConfig, device):
 
 
 def make_train_step(G, D, opt_g, opt_d, *, z_dim, batch_size, device, real_label=1.0, fused=True, backend=None,
-                    ema=None):
+                    ema=None, noise=None):
     """The tuned training step; returns ``step(real) -> (loss_d, loss_g, d_real, d_fake)`` (tensors).
 
     ``fused`` selects the loss: gankern's fused BCE with float labels, or torch's with label tensors.
-    ``ema``: None or ``(ema_model, decay)``.
+    ``ema``: None or ``(ema_model, decay)``.  ``noise``: None (``torch.randn(batch_size, z_dim)`` from the
+    global RNG) or a callable returning the step's noise batch.
+    G and D may be DistributedDataParallel wrappers (the trainer under torchrun): the G step then calls
+    D's inner module, since DDP would wait for gradients of D's frozen parameters that never come.
     """
     if fused:
         from . import bce_with_logits
@@ -153,6 +158,7 @@ def make_train_step(G, D, opt_g, opt_d, *, z_dim, batch_size, device, real_label
             return F.binary_cross_entropy_with_logits(logits, targets[label])
 
     d_params = list(D.parameters())
+    D_for_g = D.module if isinstance(D, torch.nn.parallel.DistributedDataParallel) else D
     if ema is not None:
         ema_model, decay = ema
         # parameters only: the EMA model's BatchNorm statistics are recomputed for its own weights
@@ -162,7 +168,7 @@ def make_train_step(G, D, opt_g, opt_d, *, z_dim, batch_size, device, real_label
     real_label = float(real_label)
 
     def step(real):
-        z = torch.randn(batch_size, z_dim, device=device)
+        z = torch.randn(batch_size, z_dim, device=device) if noise is None else noise()
         fake = G(z)
         # D step: real and (detached) fake in one forward.
         for p in d_params:
@@ -176,7 +182,7 @@ def make_train_step(G, D, opt_g, opt_d, *, z_dim, batch_size, device, real_label
         # G step: the same fake batch, D frozen.
         for p in d_params:
             p.requires_grad_(False)
-        loss_g = bce(D(fake), 1.0)
+        loss_g = bce(D_for_g(fake), 1.0)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
@@ -404,22 +410,35 @@ def _latest_checkpoint(out):
 
 
 def train(cfg: TrainConfig, explicit: set | None = None) -> dict:
-    """Run (or resume) a training run; returns a summary dict (also written to the run folder)."""
+    """Run (or resume) a training run; returns a summary dict (also written to the run folder).
+
+    Under torchrun (``torchrun --nproc_per_node=N -m gankern train ...``) each process runs one rank of a
+    DistributedDataParallel job (``gankern.distributed``): ``batch_size`` is the global batch, rank 0
+    alone writes the run folder.
+    """
+    dctx = distributed.setup(resolve_device(cfg.device))
+    with dctx.guard():
+        return _train(cfg, explicit, dctx)
+
+
+def _train(cfg: TrainConfig, explicit, dctx) -> dict:
     explicit = set(explicit or ())
-    log = _Log(cfg.quiet)
+    log = _Log(cfg.quiet or not dctx.is_main)
     if cfg.lr_decay:
         if len(cfg.lr_decay) != 2 or not 0 <= int(cfg.lr_decay[0]) < int(cfg.lr_decay[1]):
             raise ValueError(f"lr_decay must be two steps START < END with START >= 0; got {cfg.lr_decay!r}")
         cfg.lr_decay = [int(cfg.lr_decay[0]), int(cfg.lr_decay[1])]
     else:
         cfg.lr_decay = None
-    device = resolve_device(cfg.device)
-    out = cfg.out
-    os.makedirs(out, exist_ok=True)
+    device = dctx.device
+    cfg.out = out = dctx.share(lambda: cfg.out)  # rank 0's folder (e.g. --demo's free_run_dir)
+    if dctx.is_main:
+        os.makedirs(out, exist_ok=True)
     ckpt = None
     if cfg.resume:
-        path = _latest_checkpoint(out)
-        ckpt = load_checkpoint(path, map_location=device)
+        # rank 0 reads the checkpoint and sends it to every rank (no shared file system needed)
+        path, ckpt = dctx.share(lambda: (lambda p: (p, load_checkpoint(p, map_location="cpu" if dctx.enabled
+                                                                         else device)))(_latest_checkpoint(out)))
         saved = ckpt["config"]
         clash = [k for k in LOCKED if k in explicit and saved.get(k) != getattr(cfg, k)]
         if clash:
@@ -436,15 +455,19 @@ def train(cfg: TrainConfig, explicit: set | None = None) -> dict:
         torch.cuda.manual_seed_all(cfg.seed)
     G, D = make_models(cfg.model, data.image_shape, cfg.z_dim, fused=True, backend=cfg.backend)
     G, D = G.to(device), D.to(device)
+    dctx.seed_rank(cfg.seed)
     opt_g, opt_d = make_optimizers(G, D, cfg, device)
     ema_model = None
     if cfg.ema:
         if not 0.0 < cfg.ema < 1.0:
             raise ValueError(f"--ema is the EMA decay and must be in (0, 1); got {cfg.ema}")
-        ema_model = copy.deepcopy(G).requires_grad_(False)
+        if dctx.is_main:  # a copy of G before any BatchNorm is synchronized: rank 0 alone samples from it
+            ema_model = copy.deepcopy(G).requires_grad_(False)
+    G_train, D_train = dctx.wrap(G, D, cfg.sync_bn)  # DDP under torchrun; G, D themselves otherwise
     x = data.x.to(device)
     sampler = InfiniteSampler(len(data), cfg.batch_size, seed=cfg.seed, device=device)
-    step_fn = make_train_step(G, D, opt_g, opt_d, z_dim=cfg.z_dim, batch_size=cfg.batch_size, device=device,
+    step_fn = make_train_step(G_train, D_train, opt_g, opt_d, z_dim=cfg.z_dim,
+                              batch_size=dctx.local_batch_size(cfg.batch_size), device=device,
                               real_label=cfg.real_label, fused=True, backend=cfg.backend,
                               ema=(ema_model, cfg.ema) if ema_model is not None else None)
     metrics_path = os.path.join(out, "metrics.jsonl")
@@ -458,18 +481,23 @@ def train(cfg: TrainConfig, explicit: set | None = None) -> dict:
             ema_model.load_state_dict(ckpt["G_ema"])
             step_fn.set_ema_updates(ckpt.get("ema_updates", ckpt["step"]))
         sampler.load_state_dict(ckpt["rng"]["sampler"])
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        if device.type == "cuda" and ckpt["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
         start = int(ckpt["step"])
-        _truncate_metrics(metrics_path, start)
+        if not dctx.restore_rng(ckpt["rng"], cfg.seed, start):
+            log(f"the checkpoint was written by a run of another world size: noise streams restart from seeds "
+                f"derived from --seed and step {start} (the run continues, not bit for bit)")
+        if dctx.is_main:
+            _truncate_metrics(metrics_path, start)
     else:
-        if os.path.exists(metrics_path) or list_checkpoints(out):
-            raise FileExistsError(f"run folder {out!r} already holds a run (metrics.jsonl / checkpoints): pass --resume to "
-                                  "continue it, or choose another --out")
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(dict(cfg.to_dict(), image_shape=list(data.image_shape), device_used=str(device),
-                       gankern_version=__version__, torch_version=str(torch.__version__)), f, indent=2)
+        def check_free():
+            if os.path.exists(metrics_path) or list_checkpoints(out):
+                raise FileExistsError(f"run folder {out!r} already holds a run (metrics.jsonl / checkpoints): pass "
+                                      "--resume to continue it, or choose another --out")
+        dctx.share(check_free)
+    if dctx.is_main:
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(dict(cfg.to_dict(), image_shape=list(data.image_shape), device_used=str(device),
+                           gankern_version=__version__, torch_version=str(torch.__version__),
+                           world_size=dctx.world), f, indent=2)
 
     fixed_z_seed = cfg.seed + 7
     recal_at = [None]
@@ -485,6 +513,9 @@ def train(cfg: TrainConfig, explicit: set | None = None) -> dict:
         return ema_model
 
     def save_ckpt(step):
+        rng_ranks = dctx.rng_states()  # every rank's RNG (a collective: all ranks call save_ckpt)
+        if not dctx.is_main:
+            return None
         obj = {"format": CKPT_FORMAT, "format_version": CKPT_VERSION, "gankern_version": __version__,
                "torch_version": str(torch.__version__), "step": step, "config": cfg.to_dict(),
                "image_shape": list(data.image_shape),
@@ -494,7 +525,8 @@ def train(cfg: TrainConfig, explicit: set | None = None) -> dict:
                "opt_G": opt_g.state_dict(), "opt_D": opt_d.state_dict(),
                "rng": {"torch": torch.get_rng_state(),
                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-                       "sampler": sampler.state_dict()}}
+                       "sampler": sampler.state_dict(),
+                       **({"ranks": rng_ranks} if dctx.enabled else {})}}
         path = checkpoint_path(out, step)
         save_atomic(obj, path)
         for _, old in list_checkpoints(out)[:-max(1, cfg.keep)]:
@@ -521,19 +553,19 @@ def train(cfg: TrainConfig, explicit: set | None = None) -> dict:
     total = cfg.steps
     if start >= total:
         log(f"checkpoint is at step {start} >= --steps {total}: nothing to train")
-    use_bar = (not cfg.quiet) and sys.stderr.isatty()
+    use_bar = (not cfg.quiet) and dctx.is_main and sys.stderr.isatty()
     bar = None
     if use_bar:
         from tqdm import tqdm
         bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, smoothing=0.05)
     print_every = max(cfg.log_every, (total - start) // 10 or 1)
-    mf = open(metrics_path, "a")
+    mf = open(metrics_path if dctx.is_main else os.devnull, "a")
     t0 = time.perf_counter()
     t_last, s_last = t0, start
     last_ckpt = None
     try:
         for step in range(start + 1, total + 1):
-            real = x[sampler.next()]
+            real = x[dctx.local_rows(sampler.next())]
             if cfg.lr_decay:
                 f = lr_factor(step, cfg.lr_decay)
                 for opt, lr in ((opt_g, cfg.lr), (opt_d, cfg.lr_d or cfg.lr)):
@@ -544,11 +576,11 @@ def train(cfg: TrainConfig, explicit: set | None = None) -> dict:
                 now = time.perf_counter()
                 sps = (step - s_last) / max(now - t_last, 1e-9)
                 t_last, s_last = now, step
-                with torch.no_grad():
-                    row = {"step": step, "loss_d": float(loss_d), "loss_g": float(loss_g),
-                           "d_x": float(torch.sigmoid(d_real.float()).mean()),
-                           "d_g_z": float(torch.sigmoid(d_fake.float()).mean()), "steps_per_s": round(sps, 2),
-                           "time": round(now - t0, 3)}
+                with torch.no_grad():  # means over all ranks (one all-reduce under torchrun)
+                    v = dctx.mean(torch.stack([loss_d.float(), loss_g.float(), torch.sigmoid(d_real.float()).mean(),
+                                               torch.sigmoid(d_fake.float()).mean()])).tolist()
+                    row = {"step": step, "loss_d": v[0], "loss_g": v[1], "d_x": v[2], "d_g_z": v[3],
+                           "steps_per_s": round(sps, 2), "time": round(now - t0, 3)}
                 if not all(math.isfinite(row[k]) for k in ("loss_d", "loss_g")):
                     raise FloatingPointError(f"non-finite loss at step {step}: {row}")
                 mf.write(json.dumps(row) + "\n")
@@ -560,9 +592,9 @@ def train(cfg: TrainConfig, explicit: set | None = None) -> dict:
                         f"D(x) {row['d_x']:.2f}  D(G(z)) {row['d_g_z']:.2f}  {sps:.1f} steps/s")
             if bar is not None:
                 bar.update(1)
-            if cfg.sample_every and step % cfg.sample_every == 0:
+            if cfg.sample_every and step % cfg.sample_every == 0 and dctx.is_main:
                 save_samples(step)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != total:
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != total and dctx.is_main:
                 m = evaluate(step)
                 mf.write(json.dumps({"step": step, "eval": m}) + "\n")
                 mf.flush()
@@ -577,9 +609,12 @@ def train(cfg: TrainConfig, explicit: set | None = None) -> dict:
     elapsed = time.perf_counter() - t0
     trained = max(total - start, 0)
     last_ckpt = save_ckpt(max(total, start))
+    if not dctx.is_main:  # rank 0 alone writes samples, plots and metrics
+        return {"steps": max(total, start), "trained_steps": trained, "rank": dctx.rank, "world_size": dctx.world}
     summary = {"steps": max(total, start), "trained_steps": trained, "seconds": round(elapsed, 2),
                "steps_per_s": round(trained / elapsed, 2) if trained and elapsed > 0 else None,
-               "device": str(device), "backend": cfg.backend or "auto", "checkpoint": last_ckpt}
+               "device": str(device), "backend": cfg.backend or "auto", "checkpoint": last_ckpt,
+               "world_size": dctx.world}
     files = {"checkpoint": last_ckpt, "metrics": metrics_path}
     files["samples"] = save_samples(max(total, start)) if trained or not glob.glob(os.path.join(out, "samples", "*.png")) \
         else sorted(glob.glob(os.path.join(out, "samples", "*.png")))[-1]
