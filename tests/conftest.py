@@ -10,6 +10,11 @@ import os
 import zlib
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# A private torch.compile cache per test session: inductor's shared on-disk cache (/tmp/torchinductor_$USER) can
+# hold graphs compiled against an older schema of our ops (another checkout, an earlier build) and replay them.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="gankern-inductor-")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
