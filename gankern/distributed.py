@@ -175,8 +175,8 @@ def sync_batch_norm_act(input, running_mean, running_var, weight, bias, momentum
 def convert_sync_batchnorm(module, process_group=None):
     """Mirror of ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` that also converts gankern's fused layers.
 
-    Every ``gankern.nn.BatchNormReLU1d/2d`` becomes a ``gankern.nn.SyncBatchNormReLU`` (keeping its
-    ``backend`` and ``negative_slope``), every torch ``BatchNorm*d`` a ``torch.nn.SyncBatchNorm``
+    Every ``gankern.nn.BatchNormReLU1d/2d`` becomes a ``gankern.nn.SyncBatchNormReLU``, every
+    ``BatchNormLeakyReLU1d/2d`` a ``SyncBatchNormLeakyReLU`` (keeping ``backend`` and ``negative_slope``), every torch ``BatchNorm*d`` a ``torch.nn.SyncBatchNorm``
     (torch's own conversion; note torch's SyncBatchNorm runs on GPUs only).  The same Parameter and
     buffer objects are reused (an optimizer built before keeps working), ``training`` and ``qconfig``
     are kept, and ``state_dict`` keys do not change; the state_dict of a ``SyncBatchNormReLU`` is that
@@ -187,12 +187,15 @@ def convert_sync_batchnorm(module, process_group=None):
     out = module
     if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
         out = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
-    elif isinstance(module, gnn._BatchNormReLU) and not isinstance(module, gnn.SyncBatchNormReLU):
-        slope = float(getattr(module, "negative_slope", 0.0))
-        out = gnn.SyncBatchNormReLU(module.num_features, module.eps, module.momentum, module.affine,
-                                    module.track_running_stats, process_group, bias=module.bias is not None,
-                                    backend=getattr(module, "backend", None))
-        if slope != 0.0:
+    elif isinstance(module, gnn._BatchNormAct) and not isinstance(module, gnn.SyncBatchNormReLU):
+        slope = float(module.negative_slope)
+        kw = dict(bias=module.bias is not None, backend=getattr(module, "backend", None))
+        if isinstance(module, gnn._BatchNormLeakyReLU):
+            out = gnn.SyncBatchNormLeakyReLU(module.num_features, module.eps, module.momentum, module.affine,
+                                             module.track_running_stats, process_group, slope, **kw)
+        else:
+            out = gnn.SyncBatchNormReLU(module.num_features, module.eps, module.momentum, module.affine,
+                                        module.track_running_stats, process_group, **kw)
             out.negative_slope = slope
         if module.affine:
             with torch.no_grad():

@@ -391,11 +391,21 @@ class SyncBatchNormReLU(_BatchNormReLU):
                                        self.eps, slope, self.backend)
         return out.to(input.dtype) if low else out
 
-    def extra_repr(self) -> str:
-        s = super().extra_repr()
-        if self.negative_slope != 0.0:
-            s += f", negative_slope={self.negative_slope}"
-        return s
+
+class SyncBatchNormLeakyReLU(SyncBatchNormReLU):
+    r"""``torch.nn.SyncBatchNorm`` followed by ``nn.LeakyReLU(negative_slope)``, on gankern's fused kernels: the
+    synchronized twin of ``BatchNormLeakyReLU1d/2d`` (``convert_sync_batchnorm`` makes it from them)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, negative_slope: float = 0.2, device=None,
+                 dtype=None, *, bias: bool = True, backend: str | None = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype,
+                         bias=bias, backend=backend)
+        if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)) or \
+                not (math.isfinite(negative_slope) and negative_slope >= 0):
+            raise ValueError(f"SyncBatchNormLeakyReLU: negative_slope must be a finite float >= 0, "
+                             f"got {negative_slope!r}")
+        self.negative_slope = float(negative_slope)
 
 
 def convert_sync_batchnorm(module: Module, process_group=None) -> Module:
@@ -406,4 +416,4 @@ def convert_sync_batchnorm(module: Module, process_group=None) -> Module:
     return _convert(module, process_group)
 
 
-__all__ += ["SyncBatchNormReLU", "convert_sync_batchnorm"]
+__all__ += ["SyncBatchNormReLU", "SyncBatchNormLeakyReLU", "convert_sync_batchnorm"]

@@ -371,10 +371,14 @@ def test_convert_sync_batchnorm_round_trip_and_torch_state_dict():
     lone = gnn.BatchNormReLU1d(4)
     out = gnn.convert_sync_batchnorm(lone)
     assert out is not lone and out.weight is lone.weight
-    # a BatchNorm + LeakyReLU layer (attribute negative_slope) keeps its slope
-    leaky = gnn.BatchNormReLU1d(4)
-    leaky.negative_slope = 0.2
-    assert gnn.convert_sync_batchnorm(leaky).negative_slope == 0.2
+    # a BatchNorm + LeakyReLU layer keeps its slope, Parameters and state_dict
+    leaky = gnn.BatchNormLeakyReLU2d(4, 0.8, negative_slope=0.1)
+    conv = gnn.convert_sync_batchnorm(leaky)
+    assert type(conv) is gnn.SyncBatchNormLeakyReLU and conv.negative_slope == 0.1 and conv.eps == 0.8
+    assert conv.weight is leaky.weight and conv.running_var is leaky.running_var
+    x = torch.randn(3, 4, 2, 2)
+    torch.testing.assert_close(conv.eval()(x), leaky.eval()(x), rtol=0, atol=0)
+    assert list(conv.state_dict()) == list(leaky.state_dict())
 
 
 # =================================================================================================
