@@ -530,15 +530,17 @@ def _cuda_backends():
                                        ((5, 6, 3, 4), "noncontig")])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("training", [True, False])
-def test_gpu_backends_match_torch(shape, fmt, dtype, training):
+@pytest.mark.parametrize("slope", SLOPES)
+def test_gpu_backends_match_torch(shape, fmt, dtype, training, slope):
     for backend in _cuda_backends():
         C = shape[1]
         x = make_input(shape, fmt, dtype, device="cuda")
         w, b, rm, rv = make_params(C, dtype, torch.float32, True, True, device="cuda", zero_weight=True)
         grad = no_kink_grad(torch.randn(shape, device="cuda").to(dtype), x, w, b, rm, rv, training, 1e-5)
-        ours = lambda *a: gankern.batch_norm_relu(*a, backend=backend)  # noqa: E731
+        ours = op(backend, slope)
+        ref = lambda *a: torch64(*a, slope=slope)  # noqa: E731
         y, rm1, rv1, dx, dw, db = run(ours, x, w, b, rm, rv, training, 0.1, 1e-5, grad)
-        ye, rme, rve, dxe, dwe, dbe = run(torch64, x, w, b, rm, rv, training, 0.1, 1e-5, grad, torch.float64)
+        ye, rme, rve, dxe, dwe, dbe = run(ref, x, w, b, rm, rv, training, 0.1, 1e-5, grad, torch.float64)
         M = x.numel() // C
         assert_close(y, ye, dtype, name=f"{backend} output")
         assert_close(rm1, rme, torch.float32, scale=2, name=f"{backend} running_mean")
@@ -560,6 +562,36 @@ def test_gpu_deterministic_and_offset():
         for a, e in zip(outs[0], outs[1]):
             assert torch.equal(a, e)
         torch.testing.assert_close(outs[0][2].double(), x.double().var(0), rtol=1e-4, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("slope", SLOPES)
+def test_gpu_edge_cases(backend, slope):
+    """Issue 12's cases on the device: no channels, empty batch, eval backward at +-inf, strided parameters."""
+    if backend not in _cuda_backends():
+        pytest.skip(f"{backend} not available")
+    f = op(backend, slope)
+    dev = "cuda"
+    assert f(torch.randn(2, 0, 3, 3, device=dev), None, None, None, None, True, 0.1, 1e-5).shape == (2, 0, 3, 3)
+    rm, rv = torch.randn(3, device=dev), torch.rand(3, device=dev) + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
+    w = torch.ones(3, device=dev, requires_grad=True)
+    y = f(torch.randn(0, 3, 4, device=dev), rm, rv, w, None, True, 0.1, 1e-5)
+    (gw,) = torch.autograd.grad(y.sum(), w)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0) and torch.equal(gw, torch.zeros_like(gw))
+    x = torch.randn(6, 3, device=dev)
+    x[0, 0], x[1, 1] = float("inf"), -float("inf")
+    x.requires_grad_()
+    y = f(x, torch.zeros(3, device=dev), torch.ones(3, device=dev), None, None, False, 0.1, 1e-5)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    (ge,) = torch.autograd.grad(torch64(x, torch.zeros(3, device=dev), torch.ones(3, device=dev), None, None,
+                                        False, 0.1, 1e-5, slope).sum(), x)
+    torch.testing.assert_close(gx, ge)
+    x = torch.randn(8, 3, device=dev)
+    w, b = torch.rand(6, device=dev)[::2], torch.rand(1, device=dev).expand(3)
+    y = f(x, None, None, w, b, True, 0.1, 1e-5)
+    assert_close(y, torch64(x.double(), None, None, w.double(), b.double(), True, 0.1, 1e-5, slope), torch.float32)
 
 
 @pytest.mark.gpu

@@ -243,7 +243,7 @@ def check_module(ex, x, w, b, rm, rv):
 
 
 @pytest.mark.skipif(not CPU_BACKENDS, reason="no backend")
-@_settings(60)
+@_settings(30)
 @given(ex=examples())
 def test_fuzz_batch_norm(ex):
     if ex["dtype"] == torch.float64 and ex["backend"] == "triton":
@@ -252,7 +252,7 @@ def test_fuzz_batch_norm(ex):
 
 
 @pytest.mark.skipif(not CHILD, reason="runs in the child process of test_fuzz_degenerate")
-@_settings(40)
+@_settings(20)
 @given(ex=examples(degenerate=True))
 def test_fuzz_degenerate_child(ex):
     check(ex)
