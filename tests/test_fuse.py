@@ -425,7 +425,7 @@ def _conv_net():
         nn.Conv2d(5, 6, 4, 2, 1, bias=False), nn.ReLU(),                            # without bias, ReLU
         nn.ConvTranspose2d(6, 4, 4, 2, 1), nn.ReLU(True),
         nn.Conv2d(4, 4, 3, padding=1, groups=2, dilation=1), nn.LeakyReLU(0.01),
-        nn.Flatten(), nn.Linear(4 * 8 * 8, 7), nn.ReLU(), nn.Linear(7, 1))
+        nn.Flatten(), nn.Linear(4 * 16 * 16, 7), nn.ReLU(), nn.Linear(7, 1))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -557,7 +557,7 @@ def test_trace_flag_off_reports_it():
     assert "forward" not in m.__dict__
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])  # triton BatchNorm: no fp64
 def test_trace_rewrites_forward(backend):
     plain = FunctionalNet().double()
     m = copy.deepcopy(plain)
