@@ -1,7 +1,7 @@
 """gankern: fused GAN kernels for PyTorch.
 
 Functional ops (each takes ``backend=None``: "auto", "cpp", "cuda", "triton", "reference"):
-    bce_with_logits, batch_norm_relu, batch_norm_leaky_relu, linear_leaky_relu
+    bce_with_logits, batch_norm_relu, batch_norm_leaky_relu, linear_leaky_relu, bias_leaky_relu
 Layers: ``gankern.nn``; model conversion: ``gankern.fuse`` / ``gankern.unfuse``;
 what can run here: ``gankern.backends()``; CPU output-block cache: ``gankern.empty_cache()`` / ``cache_info()``.
 """
@@ -17,10 +17,11 @@ _load_extension()  # registers the compiled ops if the extension is built (no co
 from .ops.bce import bce_with_logits  # noqa: E402
 from .ops.batch_norm_relu import batch_norm_leaky_relu, batch_norm_relu  # noqa: E402
 from .ops.linear_leaky_relu import linear_leaky_relu  # noqa: E402
+from .ops.bias_leaky_relu import bias_leaky_relu  # noqa: E402
 from . import nn  # noqa: E402
 from .fuse import fuse, unfuse  # noqa: E402
 
-__all__ = ["bce_with_logits", "batch_norm_relu", "batch_norm_leaky_relu", "linear_leaky_relu", "backends", "fuse", "unfuse",
+__all__ = ["bce_with_logits", "batch_norm_relu", "batch_norm_leaky_relu", "linear_leaky_relu", "bias_leaky_relu", "backends", "fuse", "unfuse",
            "nn", "BackendUnavailableError", "empty_cache", "cache_info", "__version__"]
 
 

@@ -1,89 +1,87 @@
 """``gankern.fuse(model)``: swap torch layer pairs for gankern's fused layers, in place.
 
-What is fused
--------------
-* ``nn.Linear`` directly followed by ``nn.LeakyReLU`` (any slope, ``inplace`` or not) -> ``gankern.nn.LinearLeakyReLU``
-* ``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` directly followed by ``nn.ReLU`` -> ``gankern.nn.BatchNormReLU1d`` / ``2d``
+What is fused (the rule table ``RULES``: first module -> activation -> fused module)
+-----------------------------------------------------------------------------------
+* ``nn.Linear`` -> ``nn.LeakyReLU`` (any slope) or ``nn.ReLU`` (slope 0)  ->  ``gankern.nn.LinearLeakyReLU``
+* ``nn.BatchNorm1d`` / ``2d`` -> ``nn.ReLU``  ->  ``gankern.nn.BatchNormReLU1d`` / ``2d``
+* ``nn.BatchNorm1d`` / ``2d`` -> ``nn.LeakyReLU``  ->  ``gankern.nn.BatchNormLeakyReLU1d`` / ``2d`` (when this
+  gankern has them; otherwise the report says so)
+* ``nn.Conv2d`` / ``nn.ConvTranspose2d`` (with or without bias, ``padding_mode="zeros"``) -> ``nn.LeakyReLU`` /
+  ``nn.ReLU``  ->  ``gankern.nn.Conv2dLeakyReLU`` / ``ConvTranspose2dLeakyReLU`` (the conv runs without its bias;
+  ``gankern.bias_leaky_relu`` adds it and activates in one pass)
 
-"Directly followed" is found two ways:
+``Linear -> BatchNorm1d -> LeakyReLU`` (MLP generators) fuses its BatchNorm -> LeakyReLU pair.
+
+"Directly followed" is found three ways:
 
 1. inside an ``nn.Sequential`` (and subclasses that keep Sequential's ``forward``), at any depth:
    adjacent children;
 2. inside any other module whose ``forward`` ``torch.fx`` can trace symbolically (all submodules as
-   leaves; traced once in train and once in eval mode): a ``call_module`` of the Linear/BatchNorm
+   leaves; traced once in train and once in eval mode): a ``call_module`` of the first module
    whose only user is a ``call_module`` of the activation, where every call of either module in
-   the model follows that pattern.
+   the model follows that pattern;
+3. with ``trace=True`` only: in such a ``forward``, a ``call_module`` whose only user is an activation
+   *function or method* (``F.leaky_relu(h, 0.2)``, ``F.relu``, ``torch.relu``, ``h.relu()``, in place or
+   not).  Then ``forward`` itself is rewritten: the traced graph without the activation call becomes
+   the instance's ``forward`` (the module keeps its class; ``unfuse`` deletes the rewritten forward).
+   This needs one graph for train and eval mode (a ``forward`` that branches on ``self.training`` is
+   left) and bakes in the Python the trace ran (as torch.fx always does).
 
 How a pair is replaced (state_dict compatible)
 ----------------------------------------------
-The fused module takes the *first* module's place (same attribute name / Sequential key) and the
-activation's place gets a ``FusedAway`` placeholder (an ``nn.Identity``).  The fused module
-*reuses the same Parameter and buffer objects* (weight, bias, running_mean, running_var,
-num_batches_tracked), so
+The fused module takes the *first* module's place (same attribute name / Sequential key) and a
+module activation's place gets a ``FusedAway`` placeholder (an ``nn.Identity``).  The fused module
+*reuses the same Parameter and buffer objects*, so ``state_dict`` keys and values are identical to
+the unfused model's (checkpoints load both ways with ``strict=True``), train/eval mode, device and
+dtype are carried over, and an optimizer created before ``fuse`` keeps updating the model.
 
-* ``state_dict`` keys and values are identical to the unfused model's (checkpoints load both ways
-  with ``strict=True``), and the modules' train/eval mode, device and dtype are carried over;
-* an optimizer created before ``fuse`` keeps updating the model (same Parameter objects).
-
-Nothing else is touched: ``forward`` code is never rewritten.  Hence these are *left as they are*
-and listed in the report with the reason: pairs whose activation is a function call in ``forward``
-(``F.leaky_relu(self.fc(x))`` -- replacing it would need a rewritten forward), modules with hooks or
-parametrizations (e.g. ``spectral_norm``), modules registered under several names, modules whose
-output is also used elsewhere, modules inside a ``forward`` that torch.fx cannot trace (e.g.
-data-dependent control flow), and pairs gankern has no fused op for (``Conv2d``+``LeakyReLU``,
-``Linear``+``ReLU``, ``BatchNorm``+``LeakyReLU``, ...).
-
-Limits: a ``forward`` of an untraceable module that reaches *into* a child (``self.seq[0](x)``)
-cannot be seen; hooks registered after ``fuse`` on the old modules do not apply.
+Left as they are, each listed in the report with the reason and what would cover it: functional
+activations without ``trace=True``; modules with hooks or parametrizations (e.g. ``spectral_norm``);
+modules registered under several names; outputs also used elsewhere; a ``forward`` torch.fx cannot
+trace (data-dependent control flow); pairs with no rule (``Conv1d`` + ``LeakyReLU``, ...).
 
 Report
 ------
-``fuse`` returns the model and sets ``model.gankern_fuse_report`` (a ``FuseReport``:
-``.fused`` / ``.skipped`` lists, ``.counts()``, ``str()`` for a readable table).
-``unfuse(model)`` puts plain torch modules back (same Parameter objects) for every pair ``fuse``
-made, and sets ``model.gankern_unfuse_report``.
+``fuse`` returns the model and sets ``model.gankern_fuse_report`` (a ``FuseReport``: ``.fused`` /
+``.skipped`` lists, ``.counts()``, ``.fraction()`` of the Linear/Conv/BatchNorm -> activation pairs fused,
+``str()`` for a readable table).  ``unfuse(model)`` puts plain torch modules (and the class's own
+``forward``) back, same Parameter objects, and sets ``model.gankern_unfuse_report``.
+
+The code: ``_plan`` looks at the unmodified model and returns ``Plan`` entries and ``Skipped`` ones;
+``_apply`` then performs the plans.
 """
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from . import _backends
-from .nn import BatchNormReLU1d, BatchNormReLU2d, LinearLeakyReLU, _BatchNormReLU
+from . import nn as gnn
 
-__all__ = ["fuse", "unfuse", "FuseReport", "FusedAway"]
-
-# first module type -> (activation type, fused module kind)
-_PAIRS = {
-    nn.Linear: (nn.LeakyReLU, "Linear+LeakyReLU"),
-    nn.BatchNorm1d: (nn.ReLU, "BatchNorm1d+ReLU"),
-    nn.BatchNorm2d: (nn.ReLU, "BatchNorm2d+ReLU"),
-}
-_ACTS = (nn.LeakyReLU, nn.ReLU)
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-               "_load_state_dict_post_hooks")
-_FUNCTIONAL_ACTS = {torch.nn.functional.leaky_relu, torch.nn.functional.relu, torch.relu, torch.relu_,
-                    torch.nn.functional.leaky_relu_, torch.nn.functional.relu_}
-_METHOD_ACTS = {"relu", "relu_"}
+__all__ = ["fuse", "unfuse", "FuseReport", "FusedAway", "RULES", "Rule"]
 
 
+# ------------------------------------------------------------------ report types
 @dataclass
 class Fused:
     path: str          # where the fused module now is (the first module's path)
-    kind: str          # "Linear+LeakyReLU", "BatchNorm1d+ReLU", "BatchNorm2d+ReLU"
-    activation: str    # path of the activation, now a FusedAway placeholder
-    via: str           # "Sequential" or "torch.fx"
+    kind: str          # the rule's kind, e.g. "Linear+LeakyReLU", "Conv2d+ReLU"
+    activation: str    # path of the activation (now a FusedAway), or the function and the forward it was in
+    via: str           # "Sequential", "torch.fx" or "torch.fx rewrite" (trace=True)
 
 
 @dataclass
 class Skipped:
     path: str          # module path ("" = the model itself)
-    what: str          # e.g. "Conv2d -> LeakyReLU"
-    reason: str
+    what: str          # e.g. "Conv1d -> LeakyReLU"
+    reason: str        # why, and which flag or op would cover it
+    pair: bool = False  # a Linear/Conv/BatchNorm directly followed by an activation
 
 
 @dataclass
@@ -91,6 +89,7 @@ class FuseReport:
     """What ``gankern.fuse`` did: ``fused`` (list of Fused) and ``skipped`` (list of Skipped)."""
     fused: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
+    trace: bool = False
 
     def counts(self) -> dict:
         out: dict = {}
@@ -98,10 +97,18 @@ class FuseReport:
             out[f.kind] = out.get(f.kind, 0) + 1
         return out
 
+    def fraction(self) -> float:
+        """Fused pairs / (fused + unfused Linear/Conv/BatchNorm -> activation pairs); 1.0 when there are none."""
+        left = sum(s.pair for s in self.skipped)
+        total = len(self.fused) + left
+        return len(self.fused) / total if total else 1.0
+
     def __str__(self) -> str:
-        lines = [f"gankern.fuse: {len(self.fused)} fused, {len(self.skipped)} left unfused"]
+        lines = [f"gankern.fuse: {len(self.fused)} fused, {len(self.skipped)} left unfused"
+                 + ("" if self.trace else " (trace=False: activation functions in forward are not fused; "
+                                         "gankern.fuse(model, trace=True) rewrites forward for them)")]
         for f in self.fused:
-            lines.append(f"  fused  {f.kind:<18} at {f.path or '<model>'} (+ {f.activation}) via {f.via}")
+            lines.append(f"  fused  {f.kind:<22} at {f.path or '<model>'} (+ {f.activation}) via {f.via}")
         for s in self.skipped:
             lines.append(f"  left   {s.what} at {s.path or '<model>'}: {s.reason}")
         return "\n".join(lines)
@@ -119,12 +126,174 @@ class FusedAway(nn.Identity):
         return f"fused into {self.fused_into!r}: {self._original!r}"
 
 
+# ------------------------------------------------------------------ activations
+@dataclass(frozen=True)
+class Act:
+    """An activation applied to a module's output: kind "LeakyReLU" / "ReLU", its slope, how it is written."""
+    kind: str
+    slope: float
+    desc: str
+
+
+def _module_act(m) -> Act | None:
+    if type(m) is nn.LeakyReLU:
+        return Act("LeakyReLU", float(m.negative_slope), "LeakyReLU")
+    if type(m) is nn.ReLU:
+        return Act("ReLU", 0.0, "ReLU")
+    return None
+
+
+_F_LEAKY = {F.leaky_relu: "F.leaky_relu", F.leaky_relu_: "F.leaky_relu_"}
+_F_RELU = {F.relu: "F.relu", F.relu_: "F.relu_", torch.relu: "torch.relu", torch.relu_: "torch.relu_"}
+_M_RELU = {"relu", "relu_"}
+
+
+def _node_act(node) -> Act | None:
+    """The activation a graph node applies to its first argument (a function or method call), or None."""
+    extra = list(node.args[1:]) + list(node.kwargs.values())
+    if any(isinstance(v, torch.fx.Node) for v in extra):
+        return None
+    if node.op == "call_function" and node.target in _F_RELU:
+        return Act("ReLU", 0.0, _F_RELU[node.target])
+    if node.op == "call_function" and node.target in _F_LEAKY:
+        slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+        if isinstance(slope, bool) or not isinstance(slope, (int, float)):
+            return None
+        return Act("LeakyReLU", float(slope), _F_LEAKY[node.target])
+    if node.op == "call_method" and node.target in _M_RELU and len(node.args) == 1 and not node.kwargs:
+        return Act("ReLU", 0.0, f".{node.target}()")
+    return None
+
+
+# ------------------------------------------------------------------ the rule table
+def _share_state(src: nn.Module, dst: nn.Module) -> None:
+    dst._parameters.clear()
+    dst._parameters.update(src._parameters)
+    dst._buffers.clear()
+    dst._buffers.update(src._buffers)
+    dst._non_persistent_buffers_set = set(src._non_persistent_buffers_set)
+    dst.train(src.training)
+
+
+def _bn_kwargs(a) -> dict:
+    return dict(eps=a.eps, momentum=a.momentum, affine=a.affine, track_running_stats=a.track_running_stats,
+                device="meta")
+
+
+def _build_linear(a, slope, backend):
+    f = gnn.LinearLeakyReLU(a.in_features, a.out_features, bias=a.bias is not None, negative_slope=slope,
+                            device="meta", dtype=a.weight.dtype, backend=backend)
+    _share_state(a, f)
+    return f
+
+
+def _build_bn_relu(a, slope, backend):
+    cls = gnn.BatchNormReLU1d if type(a) is nn.BatchNorm1d else gnn.BatchNormReLU2d
+    f = cls(a.num_features, **_bn_kwargs(a), bias=a.bias is not None, backend=backend)
+    _share_state(a, f)
+    return f
+
+
+def _build_bn_leaky(a, slope, backend):
+    cls = getattr(gnn, "BatchNormLeakyReLU1d" if type(a) is nn.BatchNorm1d else "BatchNormLeakyReLU2d")
+    f = cls(a.num_features, **_bn_kwargs(a), negative_slope=slope, backend=backend)
+    _share_state(a, f)
+    return f
+
+
+def _build_conv(a, slope, backend):
+    cls = gnn.Conv2dLeakyReLU if type(a) is nn.Conv2d else gnn.ConvTranspose2dLeakyReLU
+    return cls.from_conv(a, slope, backend)
+
+
+def _check_lazy(a) -> str | None:
+    w = getattr(a, "weight", None)
+    return "uninitialized (lazy) module" if isinstance(w, nn.parameter.UninitializedParameter) else None
+
+
+def _check_conv(a) -> str | None:
+    if a.padding_mode != "zeros":
+        return (f"padding_mode={a.padding_mode!r}: the fused conv supports 'zeros' only "
+                "(gankern.bias_leaky_relu could still follow an explicit F.pad)")
+    return _check_lazy(a)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``first`` directly followed by an activation of kind ``act`` becomes ``gankern.nn.<fused>``."""
+    first: type
+    act: str                                  # "LeakyReLU" or "ReLU"
+    fused: str                                # class name in gankern.nn
+    op: str                                   # the functional op it runs
+    build: Callable                           # (first module, slope, backend) -> fused module sharing its tensors
+    check: Callable = _check_lazy             # first module -> reason it cannot be fused, or None
+
+    @property
+    def kind(self) -> str:
+        return f"{self.first.__name__}+{self.act}"
+
+    def unavailable(self) -> str | None:
+        if hasattr(gnn, self.fused):
+            return None
+        return (f"needs gankern.nn.{self.fused} (op gankern.{self.op}), which this gankern build does not have; "
+                "a gankern with it fuses this pair")
+
+
+RULES = tuple(
+    [Rule(nn.Linear, act, "LinearLeakyReLU", "linear_leaky_relu", _build_linear) for act in ("LeakyReLU", "ReLU")]
+    + [Rule(bn, "ReLU", f"BatchNormReLU{bn.__name__[-2:]}", "batch_norm_relu", _build_bn_relu)
+       for bn in (nn.BatchNorm1d, nn.BatchNorm2d)]
+    + [Rule(bn, "LeakyReLU", f"BatchNormLeakyReLU{bn.__name__[-2:]}", "batch_norm_leaky_relu", _build_bn_leaky)
+       for bn in (nn.BatchNorm1d, nn.BatchNorm2d)]
+    + [Rule(conv, act, f"{conv.__name__}LeakyReLU", "bias_leaky_relu", _build_conv, _check_conv)
+       for conv in (nn.Conv2d, nn.ConvTranspose2d) for act in ("LeakyReLU", "ReLU")])
+_RULE = {(r.first, r.act): r for r in RULES}
+_FIRSTS = {r.first for r in RULES}
+# first modules whose pairs with an activation the report counts (fused or not)
+_FAMILY = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def _no_rule(a, act: Act) -> str:
+    have = sorted(r.kind for r in RULES if r.first is type(a))
+    also = f" (it fuses {', '.join(have)})" if have else ""
+    return f"gankern has no fused {type(a).__name__}+{act.kind}{also}; no flag covers it"
+
+
+# ------------------------------------------------------------------ unfuse table: fused module -> torch module
+def _unmake_linear(f):
+    m = nn.Linear(f.in_features, f.out_features, bias=f.bias is not None, device="meta")
+    _share_state(f, m)
+    return m
+
+
+def _unmake_bn(f):
+    cls = nn.BatchNorm1d if type(f).__name__.endswith("1d") else nn.BatchNorm2d
+    m = cls(f.num_features, **_bn_kwargs(f), bias=f.bias is not None)
+    _share_state(f, m)
+    return m
+
+
+def _unmakers() -> dict:
+    out = {gnn.LinearLeakyReLU: _unmake_linear, gnn.BatchNormReLU1d: _unmake_bn, gnn.BatchNormReLU2d: _unmake_bn,
+           gnn.Conv2dLeakyReLU: lambda f: f.to_conv(), gnn.ConvTranspose2dLeakyReLU: lambda f: f.to_conv()}
+    for name in ("BatchNormLeakyReLU1d", "BatchNormLeakyReLU2d"):
+        if hasattr(gnn, name):
+            out[getattr(gnn, name)] = _unmake_bn
+    return out
+
+
+# ------------------------------------------------------------------ small helpers
 def _tname(m) -> str:
     return type(m).__name__
 
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
 
 
 def _has_hooks(m: nn.Module) -> bool:
@@ -135,73 +304,81 @@ def _is_plain_sequential(m: nn.Module) -> bool:
     return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
 
 
-def _has_forward(m: nn.Module) -> bool:
-    return type(m).forward is not nn.Module.forward and not isinstance(m, (nn.ModuleList, nn.ModuleDict))
-
-
-def _is_torch_leaf(m: nn.Module) -> bool:
+def _traceable_owner(m: nn.Module, model: nn.Module) -> bool:
+    """Modules whose own forward fuse traces: not plain Sequentials, torch's layers or containers."""
+    if _is_plain_sequential(m) or not m._modules or isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+        return False
+    if type(m).forward is nn.Module.forward:
+        return False
     mod = type(m).__module__
-    return mod.startswith("torch.nn") or mod.startswith("torch.ao.nn")
+    return m is model or not (mod.startswith("torch.nn") or mod.startswith("torch.ao.nn"))
 
 
-def _pair_reason(a: nn.Module, b: nn.Module | None, multi: set) -> str | None:
-    """None if (a, b) can be fused, else why not."""
-    ta = type(a)
-    if ta not in _PAIRS:
-        if b is not None and isinstance(b, _ACTS):
-            return f"gankern has no fused {_tname(a)}+{_tname(b)} (only Linear+LeakyReLU, BatchNorm1d/2d+ReLU)"
-        return "not fusible"
-    act, kind = _PAIRS[ta]
-    if b is None:
-        return f"no activation follows it ({kind} needs {act.__name__} right after)"
-    if type(b) is not act:
-        if isinstance(b, _ACTS):
-            return f"gankern has no fused {_tname(a)}+{_tname(b)} (only {kind})"
-        return f"followed by {_tname(b)}, not {act.__name__}"
+# ------------------------------------------------------------------ planning
+@dataclass
+class Plan:
+    parent: nn.Module
+    ppath: str
+    a_name: str
+    rule: Rule
+    act: Act
+    via: str                      # "Sequential", "torch.fx", "torch.fx rewrite"
+    b_name: str | None = None     # the activation module's name (None: a function in forward)
+
+
+@dataclass
+class _Ctx:
+    model: nn.Module
+    trace: bool
+    multi: set                    # ids of modules registered under several names
+    calls: dict = field(default_factory=dict)   # id(module) -> ids of traced owners whose forward calls it
+    plans: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    graphs: dict = field(default_factory=dict)  # id(owner) -> its (train-mode) graph, for rewrites
+
+
+def _pair_check(ctx: _Ctx, a: nn.Module, act: Act, b: nn.Module | None) -> tuple[Rule | None, str | None]:
+    """(rule, None) if a followed by act can be fused, else (None, why not and what would cover it)."""
+    rule = _RULE.get((type(a), act.kind))
+    if rule is None:
+        return None, _no_rule(a, act)
+    why = rule.unavailable() or rule.check(a)
+    if why is not None:
+        return None, why
     for m in (a, b):
-        if _has_hooks(m):
-            return f"{_tname(m)} has hooks (e.g. spectral_norm / weight_norm); fusing would drop them"
-        if id(m) in multi:
-            return f"{_tname(m)} is registered under several names (shared module)"
-    if isinstance(a, nn.modules.batchnorm._NormBase) and a.affine and a.weight is not None and \
-            isinstance(a.weight, nn.parameter.UninitializedParameter):
-        return "uninitialized (lazy) module"
-    return None
+        if m is not None and _has_hooks(m):
+            return None, f"{_tname(m)} has hooks (e.g. spectral_norm / weight_norm); fusing would drop them"
+        if m is not None and id(m) in ctx.multi:
+            return None, f"{_tname(m)} is registered under several names (shared module)"
+    return rule, None
 
 
-def _make_fused(a: nn.Module, b: nn.Module, backend):
-    """The fused module for (a, b), sharing a's Parameter and buffer objects."""
-    ta = type(a)
-    if ta is nn.Linear:
-        f = LinearLeakyReLU(a.in_features, a.out_features, bias=a.bias is not None,
-                            negative_slope=b.negative_slope, device="meta", dtype=a.weight.dtype, backend=backend)
-    else:
-        cls = BatchNormReLU1d if ta is nn.BatchNorm1d else BatchNormReLU2d
-        f = cls(a.num_features, eps=a.eps, momentum=a.momentum, affine=a.affine,
-                track_running_stats=a.track_running_stats, device="meta", bias=a.bias is not None, backend=backend)
-    _share_state(a, f)
-    return f
+def _skip(ctx, path, a, act_desc, reason):
+    what = _tname(a) if act_desc is None else f"{_tname(a)} -> {act_desc}"
+    ctx.skipped.append(Skipped(path, what, reason, pair=act_desc is not None and isinstance(a, _FAMILY)))
 
 
-def _share_state(src: nn.Module, dst: nn.Module) -> None:
-    dst._parameters.clear()
-    dst._parameters.update(src._parameters)
-    dst._buffers.clear()
-    dst._buffers.update(src._buffers)
-    dst._non_persistent_buffers_set = set(src._non_persistent_buffers_set)
-    dst.train(src.training)
-
-
-def _unmake(f: nn.Module) -> nn.Module:
-    """Plain torch module equivalent of a gankern fused module (sharing its tensors)."""
-    if isinstance(f, LinearLeakyReLU):
-        m = nn.Linear(f.in_features, f.out_features, bias=f.bias is not None, device="meta")
-    else:
-        cls = nn.BatchNorm1d if isinstance(f, BatchNormReLU1d) else nn.BatchNorm2d
-        m = cls(f.num_features, eps=f.eps, momentum=f.momentum, affine=f.affine,
-                track_running_stats=f.track_running_stats, device="meta", bias=f.bias is not None)
-    _share_state(f, m)
-    return m
+def _plan_sequential(ctx: _Ctx, seq: nn.Sequential, spath: str) -> None:
+    keys = [k for k, v in seq._modules.items() if v is not None]
+    i = 0
+    while i < len(keys):
+        a = seq._modules[keys[i]]
+        b = seq._modules[keys[i + 1]] if i + 1 < len(keys) else None
+        act = _module_act(b) if b is not None else None
+        i += 1
+        if act is None:
+            if type(a) in _FIRSTS and not isinstance(b, FusedAway):
+                _skip(ctx, _join(spath, keys[i - 1]), a, None, "no activation follows it" if b is None else
+                      f"followed by {_tname(b)}, not an activation gankern fuses (LeakyReLU / ReLU)")
+            continue
+        rule, why = _pair_check(ctx, a, act, b)
+        if why is None and (ctx.calls.get(id(a)) or ctx.calls.get(id(b))):
+            why = "a forward elsewhere calls this Sequential's member directly"
+        if why is not None:
+            _skip(ctx, _join(spath, keys[i - 1]), a, _tname(b), why)
+            continue
+        ctx.plans.append(Plan(seq, spath, keys[i - 1], rule, act, "Sequential", keys[i]))
+        i += 1
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -211,8 +388,8 @@ class _LeafTracer(torch.fx.Tracer):
         return True
 
 
-def _trace_calls(owner: nn.Module):
-    """Both modes' graphs of owner.forward, or raise (fx could not trace)."""
+def _trace_both_modes(owner: nn.Module):
+    """Train- and eval-mode graphs of owner.forward, or raise (fx could not trace)."""
     graphs = []
     mode = owner.training
     try:
@@ -224,207 +401,270 @@ def _trace_calls(owner: nn.Module):
     return graphs
 
 
+@dataclass
+class _GraphInfo:
+    """What one traced graph says about each child (by name)."""
+    follow: dict = field(default_factory=dict)      # a_name -> set of ("module", b_name) / ("function", Act)
+    bad: dict = field(default_factory=dict)         # a_name -> reason
+    act_inputs: dict = field(default_factory=dict)  # activation module name -> names of the modules feeding it
+    attr_read: set = field(default_factory=set)     # activation modules whose attributes forward reads
+
+
 def _user_desc(n) -> str:
     if n.op == "call_function":
         return getattr(n.target, "__name__", str(n.target))
     if n.op == "call_method":
         return f".{n.target}()"
-    return n.op
+    return n.target if n.op == "call_module" else n.op
 
 
-def fuse(model, *, backend: str | None = None):
-    """Replace Linear->LeakyReLU and BatchNorm1d/2d->ReLU pairs in ``model`` with gankern's fused
-    modules, in place; return ``model``.  ``backend`` is stored on each new fused module.
-    The report is ``model.gankern_fuse_report`` (see ``FuseReport``); see the module docstring for
-    the rules."""
+def _note_module_call(info: _GraphInfo, owner: nn.Module, node) -> None:
+    name, sub = node.target, owner._modules[node.target]
+    if _module_act(sub) is not None:
+        src = node.args[0] if node.args else None
+        ok = src is not None and getattr(src, "op", None) == "call_module" and len(node.args) == 1 and not node.kwargs
+        info.act_inputs.setdefault(name, set()).add(src.target if ok else None)
+    if not isinstance(sub, _FAMILY) and type(sub) not in _FIRSTS:
+        return
+    users = list(node.users)
+    if len(users) != 1:
+        info.bad[name] = f"its output is used by {len(users)} operations in forward"
+        return
+    u = users[0]
+    fn_act = _node_act(u) if u.op in ("call_function", "call_method") else None
+    if u.op == "call_module" and "." not in u.target and u.target in owner._modules:
+        info.follow.setdefault(name, set()).add(("module", u.target))
+    elif fn_act is not None and u.args and u.args[0] is node:
+        info.follow.setdefault(name, set()).add(("function", fn_act))
+    else:
+        info.bad[name] = f"followed by {_user_desc(u)}"
+
+
+def _graph_info(ctx: _Ctx, owner: nn.Module, graph) -> _GraphInfo:
+    info = _GraphInfo()
+    for node in graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        try:
+            sub = owner.get_submodule(node.target) if node.op == "call_module" else None
+        except AttributeError:
+            sub = None
+        if sub is not None:
+            ctx.calls.setdefault(id(sub), set()).add(id(owner))
+        if node.op == "get_attr":
+            head = node.target.split(".")[0]
+            if head in owner._modules and _module_act(owner._modules[head]) is not None:
+                info.attr_read.add(head)
+        elif sub is not None and "." not in node.target:
+            _note_module_call(info, owner, node)
+    return info
+
+
+def _plan_owner(ctx: _Ctx, owner: nn.Module, opath: str) -> None:
+    """Trace owner.forward (train and eval mode) and plan its module -> activation pairs."""
+    candidates = [n for n, c in owner._modules.items() if type(c) in _FIRSTS or isinstance(c, _FAMILY)]
+    try:
+        graphs = _trace_both_modes(owner)
+    except Exception as e:  # noqa: BLE001 -- any tracing failure means: leave it alone
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        for n in candidates:
+            if type(owner._modules[n]) in _FIRSTS:
+                _skip(ctx, _join(opath, n), owner._modules[n], None,
+                      f"torch.fx cannot trace {_tname(owner)}.forward ({type(e).__name__}: {msg[:160]}); left untouched")
+        return
+    infos = [_graph_info(ctx, owner, g) for g in graphs]
+    same_graph = graphs[0].python_code("self").src == graphs[1].python_code("self").src
+    if same_graph:
+        ctx.graphs[id(owner)] = graphs[0]
+    for a_name in candidates:
+        _plan_candidate(ctx, owner, opath, a_name, infos, same_graph)
+
+
+def _plan_candidate(ctx: _Ctx, owner, opath, a_name, infos, same_graph) -> None:
+    a, path = owner._modules[a_name], _join(opath, a_name)
+    for info, mode in zip(infos, ("train", "eval")):
+        if a_name in info.bad:
+            if type(a) in _FIRSTS:
+                _skip(ctx, path, a, None, f"{info.bad[a_name]} (in {mode} mode)")
+            return
+    follows = [frozenset(info.follow.get(a_name, ())) for info in infos]
+    if not follows[0] and not follows[1]:
+        return  # not called by this forward
+    if len(follows[0]) > 1 or len(follows[1]) > 1:
+        _skip(ctx, path, a, "activation", "followed by different activations at different calls")
+        return
+    if follows[0] != follows[1]:
+        _skip(ctx, path, a, "activation", "train and eval mode forwards differ after it")
+        return
+    how, what = next(iter(follows[0]))
+    if how == "module":
+        _plan_module_follower(ctx, owner, opath, a_name, what, infos)
+    else:
+        _plan_function_follower(ctx, owner, opath, a_name, what, same_graph)
+
+
+def _plan_module_follower(ctx, owner, opath, a_name, b_name, infos) -> None:
+    a, b, path = owner._modules[a_name], owner._modules[b_name], _join(opath, a_name)
+    act = _module_act(b)
+    if act is None:
+        if type(a) in _FIRSTS:
+            _skip(ctx, path, a, None, f"followed by {_tname(b)}, not an activation gankern fuses (LeakyReLU / ReLU)")
+        return
+    rule, why = _pair_check(ctx, a, act, b)
+    if why is None and any(b_name in info.attr_read for info in infos):
+        why = "forward reads an attribute of the activation"
+    if why is None and any(info.act_inputs.get(b_name, {a_name}) != {a_name} for info in infos):
+        why = f"the activation {b_name!r} is also applied to other values in forward"
+    if why is not None:
+        _skip(ctx, path, a, _tname(b), why)
+        return
+    ctx.plans.append(Plan(owner, opath, a_name, rule, act, "torch.fx", b_name))
+
+
+def _plan_function_follower(ctx, owner, opath, a_name, act: Act, same_graph: bool) -> None:
+    a, path = owner._modules[a_name], _join(opath, a_name)
+    rule, why = _pair_check(ctx, a, act, None)
+    if why is None and not ctx.trace:
+        why = (f"followed by the function {act.desc} in {_tname(owner)}.forward; fuse swaps modules only: "
+               "gankern.fuse(model, trace=True) rewrites forward to fuse it")
+    if why is None and not same_graph:
+        why = (f"{_tname(owner)}.forward traces differently in train and eval mode; trace=True needs one graph "
+               "(use nn.LeakyReLU / nn.ReLU modules there)")
+    if why is not None:
+        _skip(ctx, path, a, act.desc, why)
+        return
+    ctx.plans.append(Plan(owner, opath, a_name, rule, act, "torch.fx rewrite"))
+
+
+def _drop_shared_calls(ctx: _Ctx) -> None:
+    """Forward-found pairs are fused only when no other traced forward calls either module."""
+    kept = []
+    for p in ctx.plans:
+        mods = [p.parent._modules[p.a_name]] + ([p.parent._modules[p.b_name]] if p.b_name else [])
+        callers = set().union(*(ctx.calls.get(id(m), set()) for m in mods))
+        if callers != {id(p.parent)}:
+            _skip(ctx, _join(p.ppath, p.a_name), mods[0], p.act.desc, "another module's forward also calls it directly")
+        else:
+            kept.append(p)
+    ctx.plans = kept
+
+
+def _plan(model: nn.Module, trace: bool) -> _Ctx:
+    """Look at the unmodified model: what to fuse (ctx.plans) and what is left and why (ctx.skipped)."""
+    paths: dict = {}
+    for pname, parent in model.named_modules(remove_duplicate=False):
+        for cname, child in parent._modules.items():
+            if child is not None:
+                paths.setdefault(id(child), set()).add(_join(pname, cname))
+    ctx = _Ctx(model, trace, {k for k, v in paths.items() if len(v) > 1})
+    for opath, owner in model.named_modules():
+        if _traceable_owner(owner, model):
+            _plan_owner(ctx, owner, opath)
+    _drop_shared_calls(ctx)
+    for spath, seq in model.named_modules():
+        if _is_plain_sequential(seq):
+            _plan_sequential(ctx, seq, spath)
+    return ctx
+
+
+# ------------------------------------------------------------------ applying
+def _rewrite_forward(owner: nn.Module, graph, names: list) -> None:
+    """Drop the activation calls after ``names`` from owner's traced graph; make it the instance's forward."""
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target in names:
+            (u,) = node.users
+            u.replace_all_uses_with(node)
+            graph.erase_node(u)
+    graph.lint()
+    code = graph.python_code(root_module="self")
+    env = dict(code.globals)
+    exec(compile(code.src, f"<gankern.fuse: {type(owner).__qualname__}.forward (traced)>", "exec"), env)  # noqa: S102
+    owner.__dict__["forward"] = types.MethodType(env["forward"], owner)
+    owner.__dict__["_gankern_rewritten"] = tuple(names)
+
+
+def _apply(ctx: _Ctx, backend) -> FuseReport:
+    report = FuseReport(trace=ctx.trace)
+    rewrites: dict = {}
+    for p in ctx.plans:
+        a = p.parent._modules[p.a_name]
+        p.parent._modules[p.a_name] = p.rule.build(a, p.act.slope, backend)
+        if p.b_name is not None:
+            b = p.parent._modules[p.b_name]
+            placeholder = FusedAway(p.a_name, b)
+            placeholder.train(b.training)
+            p.parent._modules[p.b_name] = placeholder
+            act = _join(p.ppath, p.b_name)
+        else:
+            rewrites.setdefault(id(p.parent), (p.parent, []))[1].append(p.a_name)
+            act = f"{p.act.desc} in {_tname(p.parent)}.forward"
+        report.fused.append(Fused(_join(p.ppath, p.a_name), p.rule.kind, act, p.via))
+    for owner, names in rewrites.values():
+        _rewrite_forward(owner, ctx.graphs[id(owner)], names)
+    report.fused.sort(key=lambda f: f.path)
+    report.skipped = sorted(ctx.skipped, key=lambda s: s.path)
+    return report
+
+
+def fuse(model, *, backend: str | None = None, trace: bool = False):
+    """Replace the layer pairs of ``RULES`` in ``model`` with gankern's fused modules, in place; return
+    ``model``.  ``backend`` is stored on each new fused module.  ``trace=True`` also fuses pairs whose
+    activation is a function call in a torch.fx-traceable ``forward`` (by rewriting that forward).
+    The report is ``model.gankern_fuse_report`` (see ``FuseReport``); see the module docstring."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"gankern.fuse expects a torch.nn.Module; got {type(model).__module__}.{type(model).__qualname__}")
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError("gankern.fuse cannot modify a TorchScript module; fuse the nn.Module before scripting it")
     if backend is not None and backend not in _backends._CHOICES:
         raise ValueError(f"backend must be one of {', '.join(map(repr, _backends._CHOICES))} or None; got {backend!r}")
-
-    report = FuseReport()
-    # Every registered (parent, name) of each module object: modules under several names are not fused.
-    paths: dict = {}
-    for pname, parent in model.named_modules(remove_duplicate=False):
-        for cname, child in parent._modules.items():
-            if child is not None:
-                paths.setdefault(id(child), set()).add(_join(pname, cname))
-    multi = {k for k, v in paths.items() if len(v) > 1}
-
-    # 1. Trace every module with its own forward (not plain Sequentials / torch's own layers): who calls what.
-    calls: dict = {}          # id(module) -> ids of the traced modules whose forward calls it
-    fx_plans = []             # (owner, owner_path, a_name, b_name)
-    for opath, owner in model.named_modules():
-        if _is_plain_sequential(owner) or not _has_forward(owner) or (_is_torch_leaf(owner) and owner is not model) \
-                or not owner._modules:
-            continue
-        candidates = [n for n, c in owner._modules.items() if type(c) in _PAIRS]
-        try:
-            graphs = _trace_calls(owner)
-        except Exception as e:  # noqa: BLE001 -- any tracing failure means: leave it alone
-            if candidates:
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                for n in candidates:
-                    report.skipped.append(Skipped(_join(opath, n), _tname(owner._modules[n]),
-                                                  f"torch.fx cannot trace {_tname(owner)}.forward "
-                                                  f"({type(e).__name__}: {msg[:160]}); left untouched"))
-            continue
-        per_graph_ok = []
-        for gi, g in enumerate(graphs):
-            ok: dict = {}     # a_name -> b_name if every call of a in this graph feeds exactly b
-            bad: dict = {}    # a_name -> reason
-            act_inputs: dict = {}  # b_name -> set of producers
-            for node in g.nodes:
-                if node.op == "get_attr" or node.op == "call_module":
-                    target = node.target
-                    try:
-                        sub = owner.get_submodule(target) if node.op == "call_module" else None
-                    except AttributeError:
-                        sub = None
-                    if sub is not None:
-                        calls.setdefault(id(sub), set()).add(id(owner))
-                    if node.op == "get_attr":
-                        head = target.split(".")[0]
-                        if head in owner._modules and isinstance(owner._modules[head], _ACTS):
-                            bad["@" + head] = "forward reads an attribute of the activation"
-                        continue
-                    if "." in target or sub is None:
-                        continue
-                    if isinstance(sub, _ACTS):
-                        src = node.args[0] if node.args else None
-                        act_inputs.setdefault(target, set()).add(
-                            src.target if (src is not None and getattr(src, "op", None) == "call_module"
-                                           and len(node.args) == 1 and not node.kwargs) else None)
-                    if type(sub) in _PAIRS:
-                        users = list(node.users)
-                        if len(users) != 1:
-                            bad[target] = f"its output is used by {len(users)} operations in forward"
-                            continue
-                        u = users[0]
-                        if u.op == "call_module" and "." not in u.target and u.target in owner._modules:
-                            if ok.get(target, u.target) != u.target:
-                                bad[target] = "followed by different activations at different calls"
-                            ok[target] = u.target
-                        elif (u.op == "call_function" and u.target in _FUNCTIONAL_ACTS) or \
-                                (u.op == "call_method" and u.target in _METHOD_ACTS):
-                            bad[target] = (f"followed by the function {_user_desc(u)} in forward; fuse only swaps "
-                                           "submodules, it does not rewrite forward (use nn.LeakyReLU/nn.ReLU modules)")
-                        else:
-                            bad[target] = f"followed by {_user_desc(u) if u.op != 'call_module' else u.target}"
-            per_graph_ok.append((ok, bad, act_inputs))
-        # A pair is planned when both modes agree and the activation only ever consumes the module's output.
-        for a_name in candidates:
-            a = owner._modules[a_name]
-            reasons = [f"{bad[a_name]} (in {mode} mode)" for (ok, bad, _), mode in zip(per_graph_ok, ("train", "eval"))
-                       if a_name in bad]
-            if reasons:
-                report.skipped.append(Skipped(_join(opath, a_name), _tname(a), reasons[0]))
-                continue
-            targets = {ok.get(a_name) for ok, _, _ in per_graph_ok}
-            if targets == {None}:
-                if id(owner) not in calls.get(id(a), ()):
-                    continue  # not called by this forward
-                report.skipped.append(Skipped(_join(opath, a_name), _tname(a), "no activation module follows it"))
-                continue
-            if len(targets) != 1:
-                report.skipped.append(Skipped(_join(opath, a_name), _tname(a),
-                                              "train and eval mode forwards differ after it"))
-                continue
-            b_name = targets.pop()
-            b = owner._modules[b_name]
-            why = _pair_reason(a, b, multi)
-            if why is None:
-                if any(("@" + b_name) in bad for _, bad, _ in per_graph_ok):
-                    why = "forward reads an attribute of the activation"
-                elif any(ins.get(b_name, {a_name}) != {a_name} for _, _, ins in per_graph_ok):
-                    why = f"the activation {b_name!r} is also applied to other values in forward"
-            if why is not None:
-                report.skipped.append(Skipped(_join(opath, a_name), f"{_tname(a)} -> {_tname(b)}", why))
-                continue
-            fx_plans.append((owner, opath, a_name, b_name))
-    # Only fuse when no other traced forward calls either module (it would see the changed behaviour).
-    kept = []
-    for owner, opath, a_name, b_name in fx_plans:
-        a, b = owner._modules[a_name], owner._modules[b_name]
-        if calls.get(id(a), set()) | calls.get(id(b), set()) != {id(owner)}:
-            report.skipped.append(Skipped(_join(opath, a_name), f"{_tname(a)} -> {_tname(b)}",
-                                          "another module's forward also calls it directly"))
-        else:
-            kept.append((owner, opath, a_name, b_name))
-    fx_plans = kept
-
-    # 2. Sequentials: adjacent children.
-    seq_plans = []
-    for spath, seq in model.named_modules():
-        if not _is_plain_sequential(seq):
-            continue
-        keys = [k for k, v in seq._modules.items() if v is not None]
-        i = 0
-        while i < len(keys):
-            a = seq._modules[keys[i]]
-            b = seq._modules[keys[i + 1]] if i + 1 < len(keys) else None
-            interesting = type(a) in _PAIRS or (b is not None and isinstance(b, _ACTS))
-            if not interesting:
-                i += 1
-                continue
-            why = _pair_reason(a, b, multi)
-            if why is None and (calls.get(id(a)) or calls.get(id(b))):
-                why = "a forward elsewhere calls this Sequential's member directly"
-            if why is None:
-                seq_plans.append((seq, spath, keys[i], keys[i + 1]))
-                i += 2
-                continue
-            if why != "not fusible":
-                what = _tname(a) if b is None else f"{_tname(a)} -> {_tname(b)}"
-                report.skipped.append(Skipped(_join(spath, keys[i]), what, why))
-            i += 1
-
-    # 3. Apply (analysis above ran on the unmodified model).
-    for parent, ppath, a_name, b_name, via in ([p + ("Sequential",) for p in seq_plans] +
-                                              [p + ("torch.fx",) for p in fx_plans]):
-        a, b = parent._modules[a_name], parent._modules[b_name]
-        fused = _make_fused(a, b, backend)
-        parent._modules[a_name] = fused
-        placeholder = FusedAway(a_name, b)
-        placeholder.train(b.training)
-        parent._modules[b_name] = placeholder
-        report.fused.append(Fused(_join(ppath, a_name), _PAIRS[type(a)][1], _join(ppath, b_name), via))
-    report.fused.sort(key=lambda f: f.path)
-    report.skipped.sort(key=lambda s: s.path)
-    model.gankern_fuse_report = report
+    if not isinstance(trace, bool):
+        raise TypeError(f"gankern.fuse: trace must be True or False; got {trace!r}")
+    model.gankern_fuse_report = _apply(_plan(model, trace), backend)
     return model
 
 
+# ------------------------------------------------------------------ unfuse
 @dataclass
 class UnfuseReport:
-    restored: list = field(default_factory=list)   # paths of fused modules turned back into torch pairs
+    restored: list = field(default_factory=list)   # paths of fused modules turned back into torch modules
     left: list = field(default_factory=list)       # (path, reason) of gankern modules left as they are
+
+
+def _unfuse_parent(parent: nn.Module, ppath: str, unmakers: dict, rep: UnfuseReport, handled: set) -> None:
+    for name, ph in list(parent._modules.items()):
+        if not isinstance(ph, FusedAway):
+            continue
+        f = parent._modules.get(ph.fused_into)
+        if type(f) in unmakers:
+            parent._modules[ph.fused_into] = unmakers[type(f)](f)
+            parent._modules[name] = ph._original
+            handled.add(id(f))
+            rep.restored.append(_join(ppath, ph.fused_into))
+    names = parent.__dict__.pop("_gankern_rewritten", None)
+    if names is not None:
+        parent.__dict__.pop("forward", None)   # the class's own forward again
+        for name in names:
+            f = parent._modules.get(name)
+            if type(f) in unmakers:
+                parent._modules[name] = unmakers[type(f)](f)
+                handled.add(id(f))
+                rep.restored.append(_join(ppath, name))
 
 
 def unfuse(model):
     """Undo ``fuse``: every pair it fused becomes the original torch modules again (the fused module's
-    Parameter/buffer objects are reused; the activation module is the original object).  gankern
-    modules that ``fuse`` did not create (built directly) are left and listed in
-    ``model.gankern_unfuse_report.left``.  Returns ``model``."""
+    Parameter/buffer objects are reused; the activation module is the original object; a forward that
+    ``trace=True`` rewrote is the class's own again).  gankern modules that ``fuse`` did not create (built
+    directly) are left and listed in ``model.gankern_unfuse_report.left``.  Returns ``model``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"gankern.unfuse expects a torch.nn.Module; got {type(model).__module__}.{type(model).__qualname__}")
     rep = UnfuseReport()
-    handled = set()
+    handled: set = set()
+    unmakers = _unmakers()
     for ppath, parent in list(model.named_modules()):
-        for name, ph in list(parent._modules.items()):
-            if not isinstance(ph, FusedAway):
-                continue
-            f = parent._modules.get(ph.fused_into)
-            if not isinstance(f, (LinearLeakyReLU, _BatchNormReLU)):
-                continue
-            parent._modules[ph.fused_into] = _unmake(f)
-            parent._modules[name] = ph._original
-            handled.add(id(f))
-            rep.restored.append(_join(ppath, ph.fused_into))
+        _unfuse_parent(parent, ppath, unmakers, rep, handled)
     for path, m in model.named_modules():
-        if isinstance(m, (LinearLeakyReLU, _BatchNormReLU)) and id(m) not in handled:
+        if type(m) in unmakers and id(m) not in handled:
             rep.left.append((path, "built directly as a gankern module (no torch pair to restore)"))
     model.gankern_unfuse_report = rep
     if "gankern_fuse_report" in model.__dict__:

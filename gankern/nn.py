@@ -417,3 +417,103 @@ def convert_sync_batchnorm(module: Module, process_group=None) -> Module:
 
 
 __all__ += ["SyncBatchNormReLU", "SyncBatchNormLeakyReLU", "convert_sync_batchnorm"]
+
+# ---------------------------------------------------------------- conv + bias + LeakyReLU/ReLU
+from torch import nn as _tnn  # noqa: E402
+from torch.nn import functional as _F  # noqa: E402
+
+from .ops.bias_leaky_relu import bias_leaky_relu as _bias_leaky_relu  # noqa: E402
+
+_CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
+               "output_padding", "groups", "padding_mode")
+
+
+class _ConvBiasLeakyReLU(Module):
+    """A conv run without its bias, then ``gankern.bias_leaky_relu`` (bias + activation in one pass).
+
+    Same constructor arguments, parameters (``weight``, ``bias``), initialisation and state_dict as the
+    torch conv it replaces (it builds that conv and takes its Parameters), plus ``negative_slope``
+    (0 = ReLU) and ``backend``.  ``padding_mode`` must be ``"zeros"``.
+    """
+
+    _torch_cls: type = _tnn.Conv2d
+    weight: Tensor
+
+    def __init__(self, *args, negative_slope: float = 0.2, backend: str | None = None, **kwargs) -> None:
+        super().__init__()
+        self._adopt(self._torch_cls(*args, **kwargs), negative_slope, backend)
+
+    def _adopt(self, conv, negative_slope, backend):
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"{type(self).__name__}: padding_mode must be 'zeros'; got {conv.padding_mode!r}")
+        for a in _CONV_ATTRS:
+            setattr(self, a, getattr(conv, a))
+        self.register_parameter("weight", conv.weight)
+        self.register_parameter("bias", conv.bias)
+        self.negative_slope = negative_slope
+        self.backend = backend
+
+    @classmethod
+    def from_conv(cls, conv, negative_slope: float, backend: str | None = None):
+        """The fused module sharing ``conv``'s Parameter objects (used by ``gankern.fuse``)."""
+        m = cls.__new__(cls)
+        Module.__init__(m)
+        m._adopt(conv, negative_slope, backend)
+        m.train(conv.training)
+        return m
+
+    def to_conv(self):
+        """The plain torch conv sharing this module's Parameter objects (used by ``gankern.unfuse``)."""
+        kw = {a: getattr(self, a) for a in ("stride", "padding", "dilation", "groups", "padding_mode")}
+        if self.transposed:
+            kw["output_padding"] = self.output_padding
+        conv = self._torch_cls(self.in_channels, self.out_channels, self.kernel_size, bias=self.bias is not None,
+                               device="meta", **kw)
+        conv.weight, conv.bias = self.weight, self.bias
+        conv.train(self.training)
+        return conv
+
+    def _act(self, y: Tensor) -> Tensor:
+        bias = self.bias
+        if bias is None:
+            bias = y.new_zeros(y.shape[1])
+        elif bias.dtype != y.dtype and torch.is_autocast_enabled(y.device.type):
+            bias = bias.to(y.dtype)  # as the conv would have cast it under autocast
+        return _bias_leaky_relu(y, bias, self.negative_slope, 1, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        s = _tnn.Conv2d.extra_repr(self) + f", negative_slope={self.negative_slope}"
+        if self.backend is not None:
+            s += f", backend={self.backend!r}"
+        return s
+
+
+class Conv2dLeakyReLU(_ConvBiasLeakyReLU):
+    r"""``nn.Conv2d`` followed by ``nn.LeakyReLU(negative_slope)`` (or ``nn.ReLU`` with slope 0): the conv
+    runs without its bias, ``gankern.bias_leaky_relu`` adds the bias and activates in one pass
+    (backward from the saved output).  Same arguments, parameters, init and state_dict as ``nn.Conv2d``."""
+
+    _torch_cls = _tnn.Conv2d
+
+    def forward(self, input: Tensor) -> Tensor:
+        y = _F.conv2d(input, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+        return self._act(y)
+
+
+class ConvTranspose2dLeakyReLU(_ConvBiasLeakyReLU):
+    r"""``nn.ConvTranspose2d`` followed by ``nn.LeakyReLU(negative_slope)`` / ``nn.ReLU`` (slope 0), fused as
+    ``Conv2dLeakyReLU``.  Same arguments, parameters, init and state_dict as ``nn.ConvTranspose2d``;
+    ``forward(input, output_size=None)`` as torch's."""
+
+    _torch_cls = _tnn.ConvTranspose2d
+
+    def forward(self, input: Tensor, output_size=None) -> Tensor:
+        num_spatial_dims = 2
+        output_padding = _tnn.ConvTranspose2d._output_padding(
+            self, input, output_size, self.stride, self.padding, self.kernel_size, num_spatial_dims, self.dilation)
+        y = _F.conv_transpose2d(input, self.weight, None, self.stride, self.padding, output_padding, self.groups,
+                                self.dilation)
+        return self._act(y)
+
+
+__all__ += ["Conv2dLeakyReLU", "ConvTranspose2dLeakyReLU"]

@@ -41,3 +41,12 @@ def batch_norm_leaky_relu(input, running_mean, running_var, weight=None, bias=No
 def linear_leaky_relu(input, weight, bias=None, negative_slope=0.2):
     """leaky_relu(linear(input, weight, bias), negative_slope)."""
     return F.leaky_relu(F.linear(input, weight, bias), negative_slope)
+
+
+def bias_leaky_relu(input, bias, negative_slope=0.2, dim=1):
+    """leaky_relu(input + bias broadcast along dim, negative_slope)."""
+    from .ops.bias_leaky_relu import _check
+    d = _check(input, bias, dim)
+    shape = [1] * input.dim()
+    shape[d] = -1
+    return F.leaky_relu(input + bias.view(shape), negative_slope)

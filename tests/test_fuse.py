@@ -14,6 +14,9 @@ from gankern.fuse import FusedAway
 from conftest import CPU_BACKENDS
 from tolerances import assert_close, sqrt_scale
 
+HAS_BN_LEAKY = hasattr(gnn, "BatchNormLeakyReLU2d")
+needs_bn_leaky = pytest.mark.skipif(not HAS_BN_LEAKY, reason="needs BatchNormLeakyReLU (branch bn)")
+
 
 # ------------------------------------------------------------ the classic MLP GAN, plain torch
 def get_generator_block(input_dim, output_dim):
@@ -181,11 +184,15 @@ def test_dcgan(backend):
     gankern.fuse(disc, backend=backend)
     assert gen.gankern_fuse_report.counts() == {"BatchNorm2d+ReLU": 3}
     assert [type(gen[i]) for i in (1, 2)] == [gnn.BatchNormReLU2d, FusedAway]
-    assert disc.gankern_fuse_report.fused == []
+    expected = {"Conv2d+LeakyReLU": 1}
+    if HAS_BN_LEAKY:
+        expected["BatchNorm2d+LeakyReLU"] = 1
+    assert disc.gankern_fuse_report.counts() == expected
+    assert type(disc[0]) is gnn.Conv2dLeakyReLU and disc[0].bias is None and disc[0].negative_slope == 0.2
     left = {x.path: x for x in disc.gankern_fuse_report.skipped}
-    assert "Conv2d -> LeakyReLU" == left["0"].what and "no fused Conv2d+LeakyReLU" in left["0"].reason
-    assert "BatchNorm2d -> LeakyReLU" == left["3"].what
-    assert not any(isinstance(m, (gnn.LinearLeakyReLU, gnn._BatchNormReLU)) for m in disc.modules())
+    if not HAS_BN_LEAKY:
+        assert "BatchNorm2d -> LeakyReLU" == left["3"].what and "BatchNormLeakyReLU2d" in left["3"].reason
+        assert left["3"].pair
     for training in (True, False):
         gen.train(training), gen64.train(training)
         z = torch.randn(3, 8, 1, 1)
@@ -194,7 +201,8 @@ def test_dcgan(backend):
         assert_close(out, out64, torch.float32, scale=4, name="output")
         out.sum().backward()
         out64.sum().backward()
-        for (k, p), (_, p64) in zip(gen.named_parameters(), gen64.named_parameters()):
+        for (k, p), (_, p64) in zip(list(gen.named_parameters()) + list(disc.named_parameters()),
+                                    list(gen64.named_parameters()) + list(disc64.named_parameters())):
             assert_close(p.grad, p64.grad, torch.float32, scale=8, name=f"grad {k}")
         for m in (gen, gen64, disc, disc64):
             m.zero_grad()
@@ -244,7 +252,7 @@ def test_fx_model(backend):
     assert {(f.path, f.kind, f.activation, f.via) for f in rep.fused} == {
         ("fc1", "Linear+LeakyReLU", "act1", "torch.fx"), ("bn", "BatchNorm1d+ReLU", "relu", "torch.fx")}
     left = {x.path: x.reason for x in rep.skipped}
-    assert "does not rewrite forward" in left["fc2"]
+    assert "trace=True" in left["fc2"] and "F.leaky_relu" in left["fc2"]
     assert "also applied to other values" in left["fc3"]
     assert isinstance(m.fc1, gnn.LinearLeakyReLU) and m.fc1.negative_slope == 0.1
     assert isinstance(m.fc3, nn.Linear) and isinstance(m.shared, nn.LeakyReLU)
@@ -408,3 +416,203 @@ def test_mlp_gan_fused_on_cuda(backend):
             assert f.dtype == dt and disc(f).dtype == dt
         assert gen.gen[0][1].running_mean.dtype == torch.float32
         assert torch.isfinite(gen.gen[0][1].running_var).all()
+
+
+# ------------------------------------------------------------ the newer rules: Linear+ReLU, conv + bias + activation
+def _conv_net():
+    return nn.Sequential(
+        nn.Conv2d(3, 5, 3, 1, 1), nn.LeakyReLU(0.2, inplace=True),                 # conv with bias
+        nn.Conv2d(5, 6, 4, 2, 1, bias=False), nn.ReLU(),                            # without bias, ReLU
+        nn.ConvTranspose2d(6, 4, 4, 2, 1), nn.ReLU(True),
+        nn.Conv2d(4, 4, 3, padding=1, groups=2, dilation=1), nn.LeakyReLU(0.01),
+        nn.Flatten(), nn.Linear(4 * 16 * 16, 7), nn.ReLU(), nn.Linear(7, 1))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_conv_and_linear_relu_rules_match_torch(backend):
+    plain = _conv_net().double()
+    m = copy.deepcopy(plain)
+    params, keys = list(m.parameters()), list(m.state_dict())
+    gankern.fuse(m, backend=backend)
+    assert m.gankern_fuse_report.counts() == {"Conv2d+LeakyReLU": 2, "Conv2d+ReLU": 1, "ConvTranspose2d+ReLU": 1,
+                                              "Linear+ReLU": 1}
+    assert [type(m[i]) for i in (0, 2, 4, 6, 9)] == [gnn.Conv2dLeakyReLU, gnn.Conv2dLeakyReLU,
+                                                     gnn.ConvTranspose2dLeakyReLU, gnn.Conv2dLeakyReLU,
+                                                     gnn.LinearLeakyReLU]
+    assert m[9].negative_slope == 0.0 and m[2].negative_slope == 0.0 and m[6].negative_slope == 0.01
+    assert list(m.parameters()) == params and list(m.state_dict()) == keys
+    assert m.gankern_fuse_report.fraction() == 1.0
+    for training in (True, False):
+        m.train(training), plain.train(training)
+        x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            xx = x.contiguous(memory_format=fmt)
+            y, yp = m(xx), plain(xx)
+            assert_close(y, yp, torch.float64, name="output")
+            gs = torch.autograd.grad(y.square().sum(), params)
+            gps = torch.autograd.grad(yp.square().sum(), list(plain.parameters()))
+            for (k, _), g, gp in zip(m.named_parameters(), gs, gps):
+                assert_close(g, gp, torch.float64, name=f"grad {k}")
+    # state dicts both ways, strict
+    m.load_state_dict(plain.state_dict(), strict=True)
+    plain.load_state_dict(m.state_dict(), strict=True)
+    gankern.unfuse(m)
+    assert [type(a) for a in m.modules()] == [type(b) for b in plain.modules()]
+    assert repr(m) == repr(plain) and list(m.parameters()) == params
+
+
+def test_conv_fused_module_is_a_drop_in():
+    torch.manual_seed(3)
+    ref = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+    torch.manual_seed(3)
+    f = gnn.Conv2dLeakyReLU(3, 8, 3, stride=2, padding=1, negative_slope=0.1)
+    assert list(f.state_dict()) == list(ref.state_dict())
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, f.state_dict()[k]), k
+    x = torch.randn(2, 3, 9, 9)
+    assert_close(f(x), F.leaky_relu(F.conv2d(x.double(), ref.weight.double(), ref.bias.double(), 2, 1), 0.1),
+                 scale=4)
+    t = gnn.ConvTranspose2dLeakyReLU(4, 2, 4, 2, 1, bias=False, negative_slope=0.0)
+    x = torch.randn(1, 4, 5, 5)
+    assert t(x, output_size=[11, 11]).shape == (1, 2, 11, 11)
+    assert "negative_slope=0.0" in repr(t)
+    with pytest.raises(ValueError, match="padding_mode"):
+        gnn.Conv2dLeakyReLU(3, 3, 3, padding=1, padding_mode="reflect")
+    left = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"), nn.LeakyReLU(0.2))
+    gankern.fuse(left)
+    assert left.gankern_fuse_report.fused == [] and "padding_mode" in left.gankern_fuse_report.skipped[0].reason
+
+
+def test_conv_fused_autocast_bf16():
+    plain = _conv_net()
+    m = gankern.fuse(copy.deepcopy(plain))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, yp = m(x), plain(x)
+    assert y.dtype == yp.dtype == torch.bfloat16
+    assert_close(y, yp.double(), torch.bfloat16, scale=4, name="autocast output")
+
+
+def test_no_rule_reports_what_would_cover_it():
+    m = nn.Sequential(nn.Conv1d(2, 2, 3), nn.LeakyReLU(0.2), nn.Linear(2, 2), nn.ELU(), nn.Linear(2, 2))
+    gankern.fuse(m)
+    left = {s.path: s for s in m.gankern_fuse_report.skipped}
+    assert "no fused Conv1d+LeakyReLU" in left["0"].reason and left["0"].pair
+    assert "followed by ELU" in left["2"].reason and not left["2"].pair
+    assert "no activation follows it" in left["4"].reason
+    assert m.gankern_fuse_report.fraction() == 0.0
+    assert "trace=True" in str(m.gankern_fuse_report)
+
+
+@needs_bn_leaky
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_batchnorm_leaky_relu_rule(backend):
+    plain = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, 0.8), nn.LeakyReLU(0.2, inplace=True),
+                          nn.Unflatten(1, (2, 2, 2)), nn.BatchNorm2d(2), nn.LeakyReLU(0.1)).double()
+    m = copy.deepcopy(plain)
+    gankern.fuse(m, backend=backend)
+    assert m.gankern_fuse_report.counts() == {"BatchNorm1d+LeakyReLU": 1, "BatchNorm2d+LeakyReLU": 1}
+    assert m[1].eps == 0.8 and m[1].negative_slope == 0.2 and m[4].negative_slope == 0.1
+    for training in (True, False):
+        m.train(training), plain.train(training)
+        x = torch.randn(5, 6, dtype=torch.float64)
+        assert_close(m(x), plain(x), torch.float64)
+        for (k, a), (_, b) in zip(m.state_dict().items(), plain.state_dict().items()):
+            assert_close(a, b, torch.float64, name=k)
+    gankern.unfuse(m)
+    assert repr(m) == repr(plain)
+
+
+# ------------------------------------------------------------ trace=True: functional activations in forward
+class FunctionalNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.deconv = nn.ConvTranspose2d(4, 4, 4, 2, 1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc1 = nn.Linear(4 * 8 * 8, 16)
+        self.fc2 = nn.Linear(16, 12)
+        self.fc3 = nn.Linear(12, 8)
+        self.fc4 = nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = F.leaky_relu(self.conv(x), 0.2)
+        h = torch.relu(self.deconv(h))
+        h = F.relu(self.bn(h), inplace=True)
+        h = F.max_pool2d(h, 2).flatten(1)
+        h = nn.functional.leaky_relu(self.fc1(h), negative_slope=0.1, inplace=True)
+        h = self.fc2(h).relu()
+        h = F.leaky_relu(self.fc3(h))            # default slope 0.01
+        return self.fc4(h)
+
+
+def test_trace_flag_off_reports_it():
+    m = FunctionalNet()
+    before = dict(m.named_modules())
+    gankern.fuse(m)
+    assert m.gankern_fuse_report.fused == [] and dict(m.named_modules()) == before
+    left = {s.path: s for s in m.gankern_fuse_report.skipped}
+    for name, fn in (("conv", "F.leaky_relu"), ("deconv", "torch.relu"), ("bn", "F.relu"), ("fc2", ".relu()")):
+        assert fn in left[name].what and "trace=True" in left[name].reason and left[name].pair, name
+    assert "forward" not in m.__dict__
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])  # triton BatchNorm: no fp64
+def test_trace_rewrites_forward(backend):
+    plain = FunctionalNet().double()
+    m = copy.deepcopy(plain)
+    params, keys = list(m.parameters()), list(m.state_dict())
+    gankern.fuse(m, backend=backend, trace=True)
+    rep = m.gankern_fuse_report
+    assert type(m) is FunctionalNet
+    expected = {"Conv2d+LeakyReLU": 1, "ConvTranspose2d+ReLU": 1, "Linear+LeakyReLU": 2, "Linear+ReLU": 1,
+                "BatchNorm2d+ReLU": 1}
+    assert rep.counts() == expected and rep.fraction() == 1.0
+    assert all(f.via == "torch.fx rewrite" and "FunctionalNet.forward" in f.activation for f in rep.fused)
+    assert m.fc1.negative_slope == 0.1 and m.fc3.negative_slope == 0.01 and m.conv.negative_slope == 0.2
+    assert list(m.parameters()) == params and list(m.state_dict()) == keys
+    for training in (True, False):
+        m.train(training), plain.train(training)
+        x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+        y, yp = m(x), plain(x)
+        assert_close(y, yp, torch.float64, name="output")
+        gs = torch.autograd.grad(y.sum(), params)
+        gps = torch.autograd.grad(yp.sum(), list(plain.parameters()))
+        for (k, _), g, gp in zip(m.named_parameters(), gs, gps):
+            assert_close(g, gp, torch.float64, name=f"grad {k}")
+    c = copy.deepcopy(m)   # the rewritten forward follows the copy
+    assert c.forward.__self__ is c and c.fc1 is not m.fc1
+    assert_close(c(x), m(x), torch.float64)
+    gankern.unfuse(m)
+    assert "forward" not in m.__dict__ and repr(m) == repr(plain) and list(m.parameters()) == params
+    assert_close(m(x), plain(x), torch.float64)
+
+
+def test_trace_compile_fullgraph():
+    m = gankern.fuse(FunctionalNet(), trace=True)
+    x = torch.randn(2, 3, 8, 8)
+    expected = m(x)
+    torch._dynamo.reset()
+    got = torch.compile(m, fullgraph=True)(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+class ModeBranching(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.fc2 = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = F.leaky_relu(self.fc(x), 0.2)
+        if self.training:
+            h = h * 2
+        return F.relu(self.fc2(h), inplace=False) + 0
+
+
+def test_trace_needs_one_graph_for_both_modes():
+    m = ModeBranching()
+    gankern.fuse(m, trace=True)
+    assert m.gankern_fuse_report.fused == [] and "forward" not in m.__dict__
+    reasons = {s.path: s.reason for s in m.gankern_fuse_report.skipped}
+    assert "train and eval mode" in reasons["fc"]
