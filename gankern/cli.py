@@ -200,6 +200,8 @@ def _cmd_info(args):
             print(f"  {mod:11s}{getattr(m, '__version__', '?')}")
         except ImportError:
             print(f"  {mod:11s}not installed")
+    from .cpu_features import describe
+    print(describe())
     print("backends:")
     for name, b in gankern.backends().items():
         state = "available" if b["available"] else f"unavailable: {b['reason']}"
