@@ -1,13 +1,18 @@
-"""Training step of the MLP GAN (batch 128, z_dim 64, 784-pixel images, fp32, CPU, 2 threads).
+"""Training steps of the MLP GAN and the DCGAN (batch 128, z_dim 64, 28x28 = 784-pixel images, CPU, 2 threads),
+in fp32 and in bf16 mixed precision, side by side in one run.
 
-impl "gankern:cpp"  fused modules (gankern.nn, backend cpp) + the tuned loop of gankern.train
+impl "gankern:cpp"  fused modules (gankern.nn, backend cpp) + the tuned loop of gankern.train; bf16: the
+                    trainer's --precision bf16 (autocast, each weight cast once per step)
 impl "tutorial"     the tutorial's plain loop: unfused torch.nn layers, generator run twice per step
                     (a fresh z for the G step), D not frozen in the G step, separate D(real)/D(fake)
-                    forwards, label tensors built every step, default Adam
+                    forwards, label tensors built every step, default Adam; bf16: forwards under torch.autocast
 impl "eager"        a well-tuned plain-PyTorch loop: unfused layers, the same tuned loop as gankern
-                    (fake batch reused, one D forward on cat(real, fake), D frozen in the G step, fused Adam)
-impl "floor"        the step's GEMMs alone (torch.mm into preallocated outputs): what no loop can beat
+                    (fake batch reused, one D forward on cat(real, fake), D frozen in the G step, fused Adam);
+                    bf16: the forwards under torch.autocast(bfloat16) (torch's own casts, per forward)
+impl "floor"        the MLP step's GEMMs alone (torch.mm into preallocated outputs), fp32 and bf16
 """
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,9 +26,15 @@ from conftest import record
 B, Z, PIX = 128, 64, 784
 G_DIMS = (Z, 128, 256, 512, 1024, PIX)
 D_DIMS = (PIX, 512, 256, 128, 1)
-OP, PASSES, SHAPE, DTYPE = "gan_train_step[mlp]", "D+G step (fwd+bwd+adam)", f"B{B} z{Z} {PIX}px", torch.float32
+PASSES, SHAPE = "D+G step (fwd+bwd+adam)", f"B{B} z{Z} {PIX}px"
 CFG = TrainConfig(batch_size=B, z_dim=Z, lr=2e-4, beta1=0.5, beta2=0.999)
 DEV = torch.device("cpu")
+MODELS = ["mlp", "dcgan"]
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _op(model):
+    return f"gan_train_step[{model}]"
 
 
 def _batches():
@@ -31,9 +42,9 @@ def _batches():
     return [torch.rand(B, PIX, generator=g) for _ in range(4)]
 
 
-def _models(fused, backend=None):
+def _models(model, fused, backend=None):
     torch.manual_seed(0)
-    return make_models("mlp", (28, 28), Z, fused=fused, backend=backend)
+    return make_models(model, (28, 28), Z, fused=fused, backend=backend)
 
 
 def _run(benchmark, step, batches):
@@ -47,46 +58,57 @@ def _run(benchmark, step, batches):
     benchmark(one)
 
 
-def test_train_step_gankern(benchmark):
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("model", MODELS)
+def test_train_step_gankern(benchmark, model, precision):
     if not gankern.backends()["cpp"]["available"]:
         pytest.skip(f"backend cpp unavailable: {gankern.backends()['cpp']['reason']}")
-    G, D = _models(True, backend="cpp")
+    G, D = _models(model, True, backend="cpp")
     opt_g, opt_d = make_optimizers(G, D, CFG, DEV)
-    step = make_train_step(G, D, opt_g, opt_d, z_dim=Z, batch_size=B, device=DEV, fused=True, backend="cpp")
-    record(benchmark, op=OP, impl="gankern:cpp", shape=SHAPE, dtype=DTYPE, passes=PASSES)
+    step = make_train_step(G, D, opt_g, opt_d, z_dim=Z, batch_size=B, device=DEV, fused=True, backend="cpp",
+                           precision=precision)
+    record(benchmark, op=_op(model), impl="gankern:cpp", shape=SHAPE, dtype=PRECISIONS[precision], passes=PASSES)
     _run(benchmark, step, _batches())
 
 
-def test_train_step_eager_tuned(benchmark):
-    G, D = _models(False)
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("model", MODELS)
+def test_train_step_eager_tuned(benchmark, model, precision):
+    G, D = _models(model, False)
     opt_g, opt_d = make_optimizers(G, D, CFG, DEV)
-    step = make_train_step(G, D, opt_g, opt_d, z_dim=Z, batch_size=B, device=DEV, fused=False)
-    record(benchmark, op=OP, impl="eager", shape=SHAPE, dtype=DTYPE, passes=PASSES)
+    step = make_train_step(G, D, opt_g, opt_d, z_dim=Z, batch_size=B, device=DEV, fused=False,
+                           precision=precision, cache_casts=False)
+    record(benchmark, op=_op(model), impl="eager", shape=SHAPE, dtype=PRECISIONS[precision], passes=PASSES)
     _run(benchmark, step, _batches())
 
 
-def test_train_step_tutorial(benchmark):
-    G, D = _models(False)
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("model", MODELS)
+def test_train_step_tutorial(benchmark, model, precision):
+    G, D = _models(model, False)
     opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
     criterion = torch.nn.BCEWithLogitsLoss()
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
 
     def step(real):
         ones, zeros = torch.ones(B, 1), torch.zeros(B, 1)
         # D step
         opt_d.zero_grad()
-        fake = G(torch.randn(B, Z))
-        loss_d = criterion(D(real), ones) + criterion(D(fake.detach()), zeros)
+        with amp():
+            fake = G(torch.randn(B, Z))
+            loss_d = criterion(D(real), ones) + criterion(D(fake.detach()), zeros)
         loss_d.backward()
         opt_d.step()
         # G step: a new generator forward, D's weight grads computed and thrown away
         opt_g.zero_grad()
-        fake = G(torch.randn(B, Z))
-        loss_g = criterion(D(fake), ones)
+        with amp():
+            fake = G(torch.randn(B, Z))
+            loss_g = criterion(D(fake), ones)
         loss_g.backward()
         opt_g.step()
         return loss_d, loss_g
-    record(benchmark, op=OP, impl="tutorial", shape=SHAPE, dtype=DTYPE, passes=PASSES)
+    record(benchmark, op=_op(model), impl="tutorial", shape=SHAPE, dtype=PRECISIONS[precision], passes=PASSES)
     _run(benchmark, step, _batches())
 
 
@@ -106,13 +128,16 @@ def _tuned_step_gemms():
     return mm
 
 
-def test_train_step_floor(benchmark):
-    ops = [(torch.rand(m, k), torch.rand(k, n), torch.empty(m, n)) for m, k, n in _tuned_step_gemms()]
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_train_step_floor(benchmark, precision):
+    dt = PRECISIONS[precision]
+    ops = [(torch.rand(m, k).to(dt), torch.rand(k, n).to(dt), torch.empty(m, n, dtype=dt))
+           for m, k, n in _tuned_step_gemms()]
 
     def gemms(_):
         for a, b, c in ops:
             torch.mm(a, b, out=c)
-    record(benchmark, op=OP, impl="floor", shape=SHAPE, dtype=DTYPE, passes=PASSES)
+    record(benchmark, op=_op("mlp"), impl="floor", shape=SHAPE, dtype=dt, passes=PASSES)
     _run(benchmark, gemms, [None])
 
 

@@ -10,6 +10,7 @@ _TRAIN_HELP = """Train a GAN (MLP or DCGAN) with gankern's fused layers.
 
 Examples:
   gankern train --demo                         # MLP GAN on the bundled 8x8 digits, ~2 min on 2 CPU cores
+  gankern train --demo --precision bf16        # the same in mixed precision (CPU with bf16 units, or CUDA)
   gankern train --dataset mnist --data-dir ~/data/mnist --steps 20000 --out runs/mnist
   gankern train --out runs/mnist --steps 40000 --resume   # continue that run to 40000 steps
   torchrun --nproc_per_node=2 -m gankern train --device cpu --steps 2000 --out runs/ddp   # 2 ranks (DDP)
@@ -17,39 +18,55 @@ Examples:
 
 
 def _train_parser(sub):
+    from .train import DEFAULTS as d, DEMO, PRECISIONS
     p = sub.add_parser("train", help="train a GAN", description=_TRAIN_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    # Defaults are None so a --resume can tell what was given explicitly (see TrainConfig for defaults).
+
+    def dflt(k, fmt=None):  # "(default: X[; --demo: Y])" from TrainConfig / DEMO: the one place defaults live
+        show = fmt or (lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+        txt = f"default: {show(getattr(d, k))}"
+        if k in DEMO and DEMO[k] != getattr(d, k):
+            txt += f"; --demo: {show(DEMO[k])}"
+        return f"({txt})"
+    # Defaults are None so a --resume can tell what was given explicitly (TrainConfig fills them in).
     a = p.add_argument
-    a("--model", choices=["mlp", "dcgan"], default=None, help="architecture (default: mlp)")
+    a("--model", choices=["mlp", "dcgan"], default=None, help=f"architecture {dflt('model')}")
     a("--dataset", choices=["digits", "mnist", "fashion-mnist"], default=None,
-      help="digits = scikit-learn's bundled 8x8 digits; mnist / fashion-mnist are read from --data-dir (default: digits)")
+      help=f"digits = scikit-learn's bundled 8x8 digits; mnist / fashion-mnist are read from --data-dir {dflt('dataset')}")
     a("--data-dir", default=None, help="folder with train-images-idx3-ubyte[.gz] + train-labels-idx1-ubyte[.gz] or an .npz")
-    a("--steps", type=int, default=None, help="total number of training steps (default: 2000; --demo: %d)" % 9000)
-    a("--batch-size", type=int, default=None, help="batch size (default: 64; --demo: 128)")
-    a("--lr", type=float, default=None, help="Adam learning rate (default: 2e-4)")
+    a("--steps", type=int, default=None, help=f"total number of training steps {dflt('steps')}")
+    a("--batch-size", type=int, default=None, help=f"batch size {dflt('batch_size')}")
+    a("--lr", type=float, default=None, help=f"Adam learning rate {dflt('lr')}")
     a("--lr-d", type=float, default=None, help="discriminator learning rate (default: --lr)")
-    a("--beta1", type=float, default=None, help="Adam beta1 (default: 0.5)")
-    a("--beta2", type=float, default=None, help="Adam beta2 (default: 0.999)")
-    a("--z-dim", type=int, default=None, help="latent size (default: 64)")
-    a("--seed", type=int, default=None, help="random seed; same seed + same machine = same losses (default: 0)")
-    a("--device", default=None, help="auto (CUDA when present), cpu, cuda, cuda:1 ... (default: auto)")
+    a("--beta1", type=float, default=None, help=f"Adam beta1 {dflt('beta1')}")
+    a("--beta2", type=float, default=None, help=f"Adam beta2 {dflt('beta2')}")
+    a("--z-dim", type=int, default=None, help=f"latent size {dflt('z_dim')}")
+    a("--seed", type=int, default=None, help=f"random seed; same seed + same machine = same losses {dflt('seed')}")
+    a("--device", default=None, help=f"auto (CUDA when present), cpu, cuda, cuda:1 ... {dflt('device')}")
     a("--backend", choices=["auto", "cpp", "cuda", "triton", "reference"], default=None,
       help="gankern backend for the fused layers (default: auto)")
-    a("--out", default=None, help="run folder (default: runs/gan; --demo: runs/demo)")
+    a("--precision", choices=list(PRECISIONS), default=None,
+      help="fp32, or mixed precision with fp32 master weights: bf16 (CPU with bf16 units, or CUDA), fp16 (CUDA only, "
+           f"with a gradient scaler) {dflt('precision')}")
+    a("--out", default=None, help=f"run folder {dflt('out')}")
     a("--resume", action="store_true", default=None, help="continue the run in --out from its newest checkpoint")
-    a("--real-label", type=float, default=None, help="target for real images; 0.9 = one-sided label smoothing (default: 1.0)")
+    a("--real-label", type=float, default=None,
+      help=f"target for real images; < 1 = one-sided label smoothing, 1 = off {dflt('real_label')}")
     a("--ema", type=float, nargs="?", const=0.999, default=None,
-      help="keep an exponential moving average of the generator (decay, default 0.999 when given); samples/eval use it")
+      help=f"exponential moving average of the generator (decay; 0 = off, 0.999 when given alone); samples/eval use "
+           f"it {dflt('ema')}")
     a("--lr-decay", type=int, nargs=2, metavar=("START", "END"), default=None,
-      help="both learning rates fall linearly to 0 from step START to step END (default: constant; --demo: 4500 9000)")
-    a("--keep", type=int, default=None, help="keep the newest K checkpoints (default: 3)")
-    a("--sample-every", type=int, default=None, help="write a sample grid every N steps (0: only at the end; default: 500)")
-    a("--ckpt-every", type=int, default=None, help="checkpoint every N steps (0: only at the end; default: 1000)")
-    a("--eval-every", type=int, default=None, help="quality metric every N steps (0: only at the end; default: 0)")
-    a("--log-every", type=int, default=None, help="metrics.jsonl line every N steps (default: 50)")
+      help="both learning rates fall linearly to 0 from step START to step END "
+           f"{dflt('lr_decay', lambda v: 'the second half of --steps' if v == 'auto' else ' '.join(map(str, v)))}")
+    a("--no-lr-decay", dest="lr_decay", action="store_const", const=[], help="constant learning rates")
+    a("--keep", type=int, default=None, help=f"keep the newest K checkpoints {dflt('keep')}")
+    a("--sample-every", type=int, default=None, help=f"write a sample grid every N steps (0: only at the end) {dflt('sample_every')}")
+    a("--ckpt-every", type=int, default=None, help=f"checkpoint every N steps (0: only at the end) {dflt('ckpt_every')}")
+    a("--eval-every", type=int, default=None, help=f"quality metric every N steps (0: only at the end) {dflt('eval_every')}")
+    a("--log-every", type=int, default=None, help=f"metrics.jsonl line every N steps {dflt('log_every')}")
     a("--no-eval", dest="final_eval", action="store_false", default=None, help="skip the quality metric at the end")
-    a("--demo", action="store_true", default=False, help="the README demo preset (MLP GAN, digits, fused kernels)")
+    a("--demo", action="store_true", default=False,
+      help="the README demo preset: the default recipe, shorter (MLP GAN, digits, fused kernels)")
     a("--compare-torch", action="store_true", default=None,
       help="also time the same loop with plain-PyTorch layers and print the speed ratio")
     a("--quiet", action="store_true", default=None, help="no progress bar or periodic lines; final summary only")
@@ -186,6 +203,8 @@ def _cmd_info(args):
             print(f"  {mod:11s}{getattr(m, '__version__', '?')}")
         except ImportError:
             print(f"  {mod:11s}not installed")
+    from .cpu_features import describe
+    print(describe())
     print("backends:")
     for name, b in gankern.backends().items():
         state = "available" if b["available"] else f"unavailable: {b['reason']}"

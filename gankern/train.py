@@ -6,7 +6,8 @@ The training step (``make_train_step``) is the tuned loop:
     equals two forwards) and adds ``BCE(D(real), real_label) + BCE(D(fake), 0)`` with float labels
     through the fused ``gankern.bce_with_logits``;
   * during the G step the discriminator's parameters have ``requires_grad=False`` (no weight grads);
-  * ``torch.optim.Adam(fused=True)`` (works on CPU and CUDA in torch 2.13), optional generator EMA.
+  * ``torch.optim.Adam(fused=True)`` (works on CPU and CUDA in torch 2.13), optional generator EMA;
+  * ``precision`` "bf16" / "fp16": mixed precision (see ``make_train_step``).
 
 Run folder (``--out``): config.json, metrics.jsonl, samples/step_XXXXXXX.png (fixed noise),
 loss.png, final_metrics.json, ckpt_XXXXXXXX.pt (the last ``keep``).
@@ -37,13 +38,26 @@ CKPT_VERSION = 1
 _CKPT_RE = re.compile(r"ckpt_(\d{8})\.pt$")
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @dataclass
 class TrainConfig:
+    """Every training setting and its default: the one place they live (``gankern train`` builds its
+    options' defaults and help from these fields).
+
+    The defaults are the recipe the README demo found to train well (MLP GAN on the digits: within
+    4x the Fréchet-distance floor with 10/10 classes): batch 128, one-sided label smoothing 0.9,
+    generator EMA 0.999 with BatchNorm statistics recomputed for the EMA weights, and both learning
+    rates decaying linearly to 0 over the second half of the run (``lr_decay="auto"``: scaled to
+    ``steps``).
+    """
     model: str = "mlp"
     dataset: str = "digits"
     data_dir: str | None = None
-    steps: int = 2000
-    batch_size: int = 64
+    steps: int = 10000
+    batch_size: int = 128
     lr: float = 2e-4
     lr_d: float | None = None          # discriminator lr (default: lr)
     beta1: float = 0.5
@@ -52,14 +66,16 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     backend: str | None = None          # None/"auto": gankern picks per device
+    precision: str = "fp32"             # fp32 | bf16 | fp16 (CUDA only): mixed precision, fp32 master weights
     out: str = "runs/gan"
     resume: bool = False
-    real_label: float = 1.0             # < 1: one-sided label smoothing
-    ema: float = 0.0                    # generator EMA decay; 0 = off
-    lr_decay: list | None = None        # [start, end]: both lrs fall linearly to 0 from step start to end
+    real_label: float = 0.9             # < 1: one-sided label smoothing; 1.0 = off
+    ema: float = 0.999                  # generator EMA decay; 0 = off
+    lr_decay: list | str | None = "auto"  # [start, end]: both lrs fall linearly to 0 from step start to end;
+    #                                      "auto": [steps // 2, steps]; None: constant
     keep: int = 3
-    sample_every: int = 500
-    ckpt_every: int = 1000
+    sample_every: int = 1000
+    ckpt_every: int = 2000
     eval_every: int = 0                 # quality metric every N steps (0: only at the end)
     log_every: int = 50
     final_eval: bool = True
@@ -72,12 +88,29 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# Settings that define the run: a resume must not change them.
-LOCKED = ("model", "dataset", "batch_size", "lr", "lr_d", "beta1", "beta2", "z_dim", "seed", "real_label", "ema", "lr_decay")
+DEFAULTS = TrainConfig()
 
-# The README demo: MLP GAN on the bundled 8x8 digits, fused kernels, CPU.
-DEMO = dict(model="mlp", dataset="digits", steps=9000, batch_size=128, lr=2e-4, beta1=0.5, beta2=0.999, z_dim=64,
-            real_label=0.9, ema=0.999, lr_decay=[4500, 9000], sample_every=1000, ckpt_every=3000, out="runs/demo")
+# Settings that define the run: a resume must not change them.
+LOCKED = ("model", "dataset", "batch_size", "lr", "lr_d", "beta1", "beta2", "z_dim", "seed", "real_label", "ema",
+          "lr_decay", "precision")
+
+# The README demo (``--demo``): the default recipe, shorter (9000 steps, ~2 min on 2 CPU cores), MLP GAN on the
+# bundled 8x8 digits; only what differs from TrainConfig's defaults.
+DEMO = dict(model="mlp", dataset="digits", steps=9000, lr_decay=[4500, 9000], sample_every=1000, ckpt_every=3000,
+            out="runs/demo")
+
+
+def resolve_lr_decay(lr_decay, steps):
+    """[start, end] ints, or None; "auto" -> [steps // 2, steps]."""
+    if isinstance(lr_decay, str):
+        if lr_decay != "auto":
+            raise ValueError(f"lr_decay must be 'auto', None or two steps [START, END]; got {lr_decay!r}")
+        return [int(steps) // 2, int(steps)] if steps >= 2 else None
+    if not lr_decay:
+        return None
+    if len(lr_decay) != 2 or not 0 <= int(lr_decay[0]) < int(lr_decay[1]):
+        raise ValueError(f"lr_decay must be two steps START < END with START >= 0; got {lr_decay!r}")
+    return [int(lr_decay[0]), int(lr_decay[1])]
 
 
 EVAL_NOISE_SEED = 0
@@ -133,8 +166,69 @@ def make_optimizers(G, D, cfg: TrainConfig, device):
             torch.optim.Adam(D.parameters(), lr=cfg.lr_d or cfg.lr, **kw))
 
 
+class WeightCasts:
+    """Reduced-precision copies of a model's GEMM weights (Linear / Conv / gankern's fused linears), each
+    made once per update of its fp32 weight and reused by every forward until the next update.
+
+    Under autocast torch casts a weight per forward (its cast cache lives for one autocast region;
+    gankern's modules cast per call), so the discriminator, run twice per step, would cast its
+    weights twice.  Here a copy lives until ``updated()`` is called (the step calls it after each
+    optimizer step: fused Adam does not bump the parameters' version counters) or the weight's
+    version counter moves (in-place changes such as ``load_state_dict``): D's copies made for the G
+    step (after D's update) serve the next D step too, so every weight is cast once per step.  Gradients flow to the fp32
+    weight (the copy's backward casts the gradient up), so master weights and optimizer state stay
+    fp32.  BatchNorm parameters and all buffers are left in fp32.  ``casts`` counts the casts made.
+    """
+
+    _TYPES = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
+
+    def __init__(self, model, dtype):
+        from .nn import LinearLeakyReLU
+        self.dtype = dtype
+        self.casts = 0
+        self.entries = []
+        for name, m in model.named_modules():
+            if isinstance(m, self._TYPES + (LinearLeakyReLU,)):
+                for pn in ("weight", "bias"):
+                    p = getattr(m, pn, None)
+                    if isinstance(p, torch.nn.Parameter) and p.is_floating_point() and p.dtype != dtype:
+                        self.entries.append((f"{name}.{pn}" if name else pn, p))
+        self._cache = {}
+
+    def updated(self):
+        """The weights changed (an optimizer step): drop the copies."""
+        self._cache.clear()
+
+    def params(self):
+        """{name: low-precision tensor} for ``torch.func.functional_call``; connected to the fp32 weight
+        for autograd where it requires grad (and grad mode is on)."""
+        out = {}
+        track = torch.is_grad_enabled()
+        for name, p in self.entries:
+            hit = self._cache.get(name)
+            if hit is None or hit[0] != p._version:
+                hit = (p._version, p.detach().to(self.dtype))
+                self._cache[name] = hit
+                self.casts += 1
+            out[name] = _CastUp.apply(p, hit[1]) if track and p.requires_grad else hit[1]
+        return out
+
+
+class _CastUp(torch.autograd.Function):
+    """Forward: the cached low-precision copy of ``weight``; backward: the gradient cast to the weight's dtype."""
+
+    @staticmethod
+    def forward(ctx, weight, low):
+        ctx.dtype = weight.dtype
+        return low.view_as(low)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype), None
+
+
 def make_train_step(G, D, opt_g, opt_d, *, z_dim, batch_size, device, real_label=1.0, fused=True, backend=None,
-                    ema=None, noise=None):
+                    ema=None, noise=None, precision="fp32", scaler=None, cache_casts=True):
     """The tuned training step; returns ``step(real) -> (loss_d, loss_g, d_real, d_fake)`` (tensors).
 
     ``fused`` selects the loss: gankern's fused BCE with float labels, or torch's with label tensors.
@@ -142,7 +236,19 @@ def make_train_step(G, D, opt_g, opt_d, *, z_dim, batch_size, device, real_label
     global RNG) or a callable returning the step's noise batch.
     G and D may be DistributedDataParallel wrappers (the trainer under torchrun): the G step then calls
     D's inner module, since DDP would wait for gradients of D's frozen parameters that never come.
+
+    ``precision`` "bf16" / "fp16": the forwards run under ``torch.autocast(device, dtype)`` with fp32
+    master weights and optimizer state; the GEMM weights are cast once per step (``WeightCasts``,
+    ``cache_casts=False``: autocast's own per-forward casts; DDP-wrapped models use those); BatchNorm
+    statistics and the loss (logits cast up) in fp32.  fp16 needs ``scaler`` (one ``torch.amp.GradScaler``
+    for both optimizers: each loss scaled, each optimizer stepped through it, ``update()`` once per step).
+    ``step.weight_casts()`` counts the casts made so far.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    low = PRECISION_DTYPES[precision]
+    if precision == "fp16" and scaler is None:
+        raise ValueError("precision 'fp16' needs a gradient scaler (torch.amp.GradScaler) shared by both optimizers")
     if fused:
         from . import bce_with_logits
 
@@ -166,26 +272,63 @@ def make_train_step(G, D, opt_g, opt_d, *, z_dim, batch_size, device, real_label
         ema_p, g_p = list(ema_model.parameters()), list(G.parameters())
         n_updates = [0]
     real_label = float(real_label)
+    import contextlib
+    ddp = isinstance(D, torch.nn.parallel.DistributedDataParallel) or \
+        isinstance(G, torch.nn.parallel.DistributedDataParallel)
+    run_d_for_g = D_for_g
+    if low is None:
+        amp = contextlib.nullcontext
+        run_g, run_d, casts = G, D, []
+    else:
+        def amp():
+            return torch.autocast(device.type, dtype=low)
+        if cache_casts and not ddp:
+            from torch.func import functional_call
+            casts = [WeightCasts(G, low), WeightCasts(D, low)]
+
+            def run_g(z):
+                return functional_call(G, casts[0].params(), (z,), strict=False)
+
+            def run_d(x):
+                return functional_call(D, casts[1].params(), (x,), strict=False)
+            run_d_for_g = run_d
+        else:
+            casts = []
+            run_g, run_d = G, D
+
+    def backward_step(loss, opt, model_casts):
+        opt.zero_grad(set_to_none=True)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+        if model_casts is not None:
+            model_casts.updated()
 
     def step(real):
         z = torch.randn(batch_size, z_dim, device=device) if noise is None else noise()
-        fake = G(z)
+        with amp():
+            fake = run_g(z)
         # D step: real and (detached) fake in one forward.
         for p in d_params:
             p.requires_grad_(True)
-        logits = D(torch.cat([real, fake.detach()]))
+        with amp():
+            logits = run_d(torch.cat([real.to(fake.dtype), fake.detach()]))
+        logits = logits.float()  # the loss in fp32
         d_real, d_fake = logits[:batch_size], logits[batch_size:]
         loss_d = bce(d_real, real_label) + bce(d_fake, 0.0)
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
+        backward_step(loss_d, opt_d, casts[1] if casts else None)
         # G step: the same fake batch, D frozen.
         for p in d_params:
             p.requires_grad_(False)
-        loss_g = bce(D_for_g(fake), 1.0)
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
+        with amp():
+            logits_g = run_d_for_g(fake)
+        loss_g = bce(logits_g.float(), 1.0)
+        backward_step(loss_g, opt_g, casts[0] if casts else None)
+        if scaler is not None:
+            scaler.update()
         if ema is not None:
             n_updates[0] += 1
             w = 1.0 - min(decay, (1.0 + n_updates[0]) / (10.0 + n_updates[0]))
@@ -193,6 +336,7 @@ def make_train_step(G, D, opt_g, opt_d, *, z_dim, batch_size, device, real_label
                 torch._foreach_lerp_(ema_p, g_p, w)
         return loss_d, loss_g, d_real, d_fake
 
+    step.weight_casts = lambda: sum(c.casts for c in casts)
     step.ema_updates = (lambda: n_updates[0]) if ema is not None else (lambda: 0)
     if ema is not None:
         def _set(n):
@@ -393,6 +537,14 @@ def generate(G, n, z_dim, device, seed, batch=1024):
 # -------------------------------------------------------------------------------------------------
 # the run
 
+def check_precision(precision, device):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"precision 'fp16' runs on CUDA only (it needs a gradient scaler and fp16 tensor cores); "
+                         f"the device is {device}: use --precision bf16 (or fp32) on CPU")
+
+
 class _Log:
     def __init__(self, quiet):
         self.quiet = quiet
@@ -424,13 +576,9 @@ def train(cfg: TrainConfig, explicit: set | None = None) -> dict:
 def _train(cfg: TrainConfig, explicit, dctx) -> dict:
     explicit = set(explicit or ())
     log = _Log(cfg.quiet or not dctx.is_main)
-    if cfg.lr_decay:
-        if len(cfg.lr_decay) != 2 or not 0 <= int(cfg.lr_decay[0]) < int(cfg.lr_decay[1]):
-            raise ValueError(f"lr_decay must be two steps START < END with START >= 0; got {cfg.lr_decay!r}")
-        cfg.lr_decay = [int(cfg.lr_decay[0]), int(cfg.lr_decay[1])]
-    else:
-        cfg.lr_decay = None
     device = dctx.device
+    check_precision(cfg.precision, device)
+    cfg.lr_decay = resolve_lr_decay(cfg.lr_decay, cfg.steps)  # "auto" -> the second half of this run's steps
     cfg.out = out = dctx.share(lambda: cfg.out)  # rank 0's folder (e.g. --demo's free_run_dir)
     if dctx.is_main:
         os.makedirs(out, exist_ok=True)
@@ -448,6 +596,7 @@ def _train(cfg: TrainConfig, explicit, dctx) -> dict:
             if k in saved and not (k == "data_dir" and k in explicit):
                 setattr(cfg, k, saved[k])
         log(f"resuming from {path} at step {int(ckpt['step'])} (target: {cfg.steps} steps)")
+        check_precision(cfg.precision, device)
 
     data = load_dataset(cfg.dataset, cfg.data_dir)
     torch.manual_seed(cfg.seed)
@@ -466,10 +615,12 @@ def _train(cfg: TrainConfig, explicit, dctx) -> dict:
     G_train, D_train = dctx.wrap(G, D, cfg.sync_bn)  # DDP under torchrun; G, D themselves otherwise
     x = data.x.to(device)
     sampler = InfiniteSampler(len(data), cfg.batch_size, seed=cfg.seed, device=device)
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     step_fn = make_train_step(G_train, D_train, opt_g, opt_d, z_dim=cfg.z_dim,
                               batch_size=dctx.local_batch_size(cfg.batch_size), device=device,
                               real_label=cfg.real_label, fused=True, backend=cfg.backend,
-                              ema=(ema_model, cfg.ema) if ema_model is not None else None)
+                              ema=(ema_model, cfg.ema) if ema_model is not None else None,
+                              precision=cfg.precision, scaler=scaler)
     metrics_path = os.path.join(out, "metrics.jsonl")
     start = 0
     if ckpt is not None:
@@ -477,6 +628,8 @@ def _train(cfg: TrainConfig, explicit, dctx) -> dict:
         D.load_state_dict(ckpt["D"])
         opt_g.load_state_dict(ckpt["opt_G"])
         opt_d.load_state_dict(ckpt["opt_D"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         if ema_model is not None:
             ema_model.load_state_dict(ckpt["G_ema"])
             step_fn.set_ema_updates(ckpt.get("ema_updates", ckpt["step"]))
@@ -523,6 +676,7 @@ def _train(cfg: TrainConfig, explicit, dctx) -> dict:
                "G_ema": ready_sample_g().state_dict() if ema_model is not None else None, "G_ema_bn": "recalibrated" if ema_model is not None else None,
                "ema_updates": step_fn.ema_updates(),
                "opt_G": opt_g.state_dict(), "opt_D": opt_d.state_dict(),
+               "scaler": scaler.state_dict() if scaler is not None else None,
                "rng": {"torch": torch.get_rng_state(),
                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
                        "sampler": sampler.state_dict(),
@@ -653,8 +807,10 @@ def time_steps(cfg: TrainConfig, data, device, *, fused, steps=30, warmup=5, rou
         G, D = make_models(cfg.model, data.image_shape, cfg.z_dim, fused=fused, backend=cfg.backend)
         G, D = G.to(device), D.to(device)
         opt_g, opt_d = make_optimizers(G, D, cfg, device)
+        scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
         step = make_train_step(G, D, opt_g, opt_d, z_dim=cfg.z_dim, batch_size=cfg.batch_size, device=device,
-                               real_label=cfg.real_label, fused=fused, backend=cfg.backend)
+                               real_label=cfg.real_label, fused=fused, backend=cfg.backend,
+                               precision=cfg.precision, scaler=scaler)
         x = data.x.to(device)
         sampler = InfiniteSampler(len(data), cfg.batch_size, seed=cfg.seed, device=device)
         batches = [x[sampler.next()] for _ in range(8)]

@@ -4,13 +4,17 @@
 //                   (one call, no second pass), for GEMMs above kOneDnnMinMacs; else (and without
 //                   oneDNN, and for fp64) MKL GEMM (at::cpu::mm_out) then ONE fused pass
 //                   out = leaky_relu(out + bias) (parallel over rows, vectorized over columns).
-//           float16/bfloat16: the CPU half GEMM is ~9x slower than fp32 here and rounds before the
-//           bias, so the operands are widened to fp32, the GEMM accumulates in fp32 and the epilogue
-//           (bias + activation) runs on the fp32 accumulator, rounding once into the half output.
+//           float16/bfloat16: one of two GEMM paths, chosen per dtype by half_gemm_path() below:
+//           "native": oneDNN's reduced-precision inner product (bf16/fp16 operands, fp32 accumulator,
+//           bias + LeakyReLU as post-ops on the accumulator, rounded once; AMX where present), used
+//           when the CPU has dot-product units for that dtype (avx512_bf16 / amx_bf16, avx512_fp16 /
+//           amx_fp16) and the GEMM is not tiny; "fp32": the operands are widened to fp32, the GEMM
+//           accumulates in fp32 and the epilogue runs on the fp32 accumulator, rounding once.
 // Backward: ONE pass dZ = dY * (s > 0 ? 1 : slope) fused with the bias gradient (column sums,
 //           fp32/fp64 accumulators, parallel over column blocks: no reduction across threads), then
 //           the GEMMs dX = dZ W (oneDNN for fp32 above the threshold, else MKL) and dW = dZ^T X (MKL)
-//           (fp32 for half inputs, rounded once).
+//           (half inputs: "fp32" path: fp32 dZ and GEMMs, rounded once; "native" path: dZ rounded
+//           to the input dtype, as autocast's backward does, then oneDNN's reduced-precision GEMMs).
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <c10/util/irange.h>
@@ -20,9 +24,12 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/cpu/Utils.h>
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 #include "gankern/common.h"
 #include "gankern/linear_leaky_relu.h"
@@ -50,8 +57,7 @@ using LinearPointwise = c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, c
 // 128x512->256 655 / 628 us; 256x512->256 (2^25) equal; 128x784->512 oneDNN 1653, MKL 1792 us.
 constexpr int64_t kOneDnnMinMacs = int64_t(1) << 25;
 
-const LinearPointwise* onednn_linear(int64_t M, int64_t N, int64_t K) {
-  if (M <= 0 || N <= 0 || K <= 0 || M * N * K < kOneDnnMinMacs) return nullptr;
+const LinearPointwise* linear_pointwise_op() {
   static const LinearPointwise* op = []() -> const LinearPointwise* {
     if (!at::hasMKLDNN()) return nullptr;
     auto h = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
@@ -61,9 +67,70 @@ const LinearPointwise* onednn_linear(int64_t M, int64_t N, int64_t K) {
                                                    c10::List<std::optional<c10::Scalar>>,
                                                    std::optional<c10::string_view>)>());
   }();
+  return op;
+}
+
+const LinearPointwise* onednn_linear(int64_t M, int64_t N, int64_t K) {
+  if (M <= 0 || N <= 0 || K <= 0 || M * N * K < kOneDnnMinMacs) return nullptr;
   const char* e = std::getenv("GANKERN_LLR_GEMM");
   if (e != nullptr && std::strcmp(e, "mkl") == 0) return nullptr;
-  return op;
+  return linear_pointwise_op();
+}
+
+// ---- GEMM path for float16 / bfloat16 -----------------------------------------------------------
+// "native" (reduced-precision oneDNN GEMMs, fp32 accumulation) when the CPU reports dot-product
+// units for the dtype -- bf16: avx512_bf16 or amx_bf16; fp16: avx512_fp16 or amx_fp16 (cpuinfo, as
+// torch.backends.cpu / torch._C._cpu._get_cpu_capability() report them) -- and oneDNN is there;
+// else "fp32" (widened operands).  Measured (README, "Reduced precision on CPU"): AMD Zen with
+// avx512_bf16 and no AMX, 1 thread, the GAN layers at batch 128-256: the bf16 inner product 1.6-3.6x
+// faster than fp32's and 2.6-8x faster than widening; below ~2^18 multiply-adds (e.g. 256x128->1)
+// oneDNN's per-call set-up dominates and the widened fp32 GEMM wins, so those stay on "fp32".
+// Without the units oneDNN has no fp16 inner product at all (it refuses the primitive) and its bf16
+// one emulates the dot products.
+// GANKERN_LLR_HALF_GEMM=native|fp32 forces a path (read per call: tests and A/B comparisons);
+// forcing "native" on a CPU without the units is an error, not a silent slow path.
+constexpr int64_t kNativeMinMacs = int64_t(1) << 18;
+
+bool cpu_has_units(at::ScalarType st) {
+  static const std::array<bool, 2> has = [] {
+    const auto caps = at::cpu::get_cpu_capabilities();
+    auto flag = [&](const char* k) {
+      auto it = caps.find(k);
+      return it != caps.end() && it->second.isBool() && it->second.toBool();
+    };
+    return std::array<bool, 2>{flag("avx512_bf16") || flag("amx_bf16"), flag("avx512_fp16") || flag("amx_fp16")};
+  }();
+  return st == at::kBFloat16 ? has[0] : st == at::kHalf ? has[1] : false;
+}
+
+// "native", "fp32", or "auto" (no/unknown override).
+const char* half_gemm_override() {
+  const char* e = std::getenv("GANKERN_LLR_HALF_GEMM");
+  if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) return "auto";
+  if (std::strcmp(e, "native") == 0) return "native";
+  if (std::strcmp(e, "fp32") == 0) return "fp32";
+  TORCH_CHECK(false, "GANKERN_LLR_HALF_GEMM must be auto, native or fp32; got '", e, "'");
+}
+
+// The path for a (M, K) x (K, N) GEMM of dtype st (float16/bfloat16); M*N*K == -1: the path for
+// GAN-sized GEMMs (for gankern's report).
+bool half_gemm_native(at::ScalarType st, int64_t M, int64_t N, int64_t K) {
+  const char* o = half_gemm_override();
+  const bool ok = linear_pointwise_op() != nullptr && cpu_has_units(st);
+  if (std::strcmp(o, "native") == 0) {
+    TORCH_CHECK(ok, "GANKERN_LLR_HALF_GEMM=native: no native ", st == at::kHalf ? "float16" : "bfloat16",
+                " GEMM on this CPU (it reports no ", st == at::kHalf ? "avx512_fp16/amx_fp16" : "avx512_bf16/amx_bf16",
+                at::hasMKLDNN() ? "" : ", and torch has no oneDNN", "); unset it or use GANKERN_LLR_HALF_GEMM=fp32");
+    return true;
+  }
+  if (std::strcmp(o, "fp32") == 0) return false;
+  return ok && (M < 0 || M * N * K >= kNativeMinMacs);
+}
+
+std::string half_gemm_path(at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16,
+              "gankern._linear_leaky_relu_cpu_gemm: dtype must be float16 or bfloat16; got ", dtype);
+  return half_gemm_native(dtype, -1, -1, -1) ? "native" : "fp32";
 }
 
 const char* kBwd = "gankern._linear_leaky_relu_bwd";
@@ -79,17 +146,17 @@ std::vector<int64_t> out_shape(const at::Tensor& input, int64_t N) {
 }
 
 // out[i, j] = leaky(acc[i, j] + bias[j]);  acc may alias out (in place), acc_t = float or double.
-template <typename out_t, typename acc_t>
-void epilogue(out_t* out, const acc_t* acc, const acc_t* bias, int64_t M, int64_t N, acc_t slope) {
+template <typename out_t, typename acc_t, typename src_t = acc_t>
+void epilogue(out_t* out, const src_t* acc, const acc_t* bias, int64_t M, int64_t N, acc_t slope) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1));
   at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
-      const acc_t* a = acc + i * N;
+      const src_t* a = acc + i * N;
       out_t* o = out + i * N;
       if (bias != nullptr) {
-        for (int64_t j = 0; j < N; ++j) o[j] = static_cast<out_t>(leaky_relu<acc_t>(a[j] + bias[j], slope));
+        for (int64_t j = 0; j < N; ++j) o[j] = static_cast<out_t>(leaky_relu<acc_t>(static_cast<acc_t>(a[j]) + bias[j], slope));
       } else {
-        for (int64_t j = 0; j < N; ++j) o[j] = static_cast<out_t>(leaky_relu<acc_t>(a[j], slope));
+        for (int64_t j = 0; j < N; ++j) o[j] = static_cast<out_t>(leaky_relu<acc_t>(static_cast<acc_t>(a[j]), slope));
       }
     }
   });
@@ -103,8 +170,10 @@ at::Tensor onednn_fwd(const LinearPointwise& op, const at::Tensor& x2, const at:
   if (slope == 1.0) return op.call(x2, w, bias, "none", scalars, std::nullopt);
   if (slope == 0.0) {  // oneDNN's ReLU turns NaN into 0; torch keeps NaN: our own pass
     at::Tensor y = op.call(x2, w, bias, "none", scalars, std::nullopt);
-    float* p = y.data_ptr<float>();
-    epilogue<float, float>(p, p, nullptr, y.size(0), y.size(1), 0.0f);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "llr_relu_pass", [&] {
+      scalar_t* p = y.data_ptr<scalar_t>();  // ReLU of the rounded value == rounded ReLU
+      epilogue<scalar_t, float, scalar_t>(p, p, nullptr, y.size(0), y.size(1), 0.0f);
+    });
     return y;
   }
   scalars.push_back(c10::Scalar(slope));
@@ -122,6 +191,8 @@ at::Tensor fwd_cpu(const at::Tensor& input, const at::Tensor& weight, const std:
   const auto st = input.scalar_type();
   if (st == at::kFloat) {
     if (const LinearPointwise* op = onednn_linear(M, N, K)) return onednn_fwd(*op, x2, weight, bias, slope).view(out_shape(input, N));
+  } else if (st != at::kDouble && half_gemm_native(st, M, N, K)) {  // reduced precision, native GEMM
+    return onednn_fwd(*linear_pointwise_op(), x2, weight, bias, slope).view(out_shape(input, N));
   }
   at::Tensor out = new_empty(out_shape(input, N), input.options());
   if (out.numel() == 0) return out;
@@ -200,6 +271,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
   const int64_t N = weight.size(0), K = weight.size(1), M = rows_of(input);
   const auto st = input.scalar_type();
   const bool half = !(st == at::kFloat || st == at::kDouble);
+  // reduced precision on native GEMMs: dZ in the input dtype, GEMMs in it (fp32 accumulation)
+  const bool native = half && half_gemm_native(st, M, N, K);
   const auto acc_type = st == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor gx, gw, gb;
   // dX on oneDNN (fp32): it allocates dX itself
@@ -212,18 +285,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
 
   const at::Tensor g = grad_output.reshape({M, N}).contiguous();
   const at::Tensor s = saved.reshape({M, N}).contiguous();
-  // dZ in the input dtype (fp32 for half inputs: the GEMMs then run in fp32); slope 1 (a plain
-  // Linear): dZ is dY itself, no pass but the bias column sums
-  const bool identity = slope == 1.0 && !half;
-  at::Tensor dz = identity ? g : alloc_empty({M, N}, input.options().dtype(acc_type), at::MemoryFormat::Contiguous);
+  // dZ in the input dtype (fp32 for half inputs on the "fp32" path: the GEMMs then run in fp32);
+  // slope 1 (a plain Linear, not on the "fp32" half path): dZ is dY itself, no pass but the bias
+  // column sums
+  const bool identity = slope == 1.0 && (!half || native);
+  at::Tensor dz = identity ? g : alloc_empty({M, N}, input.options().dtype(native ? st : acc_type),
+                                             at::MemoryFormat::Contiguous);
   at::Tensor db = mask[2] ? (half ? at::empty({N}, input.options().dtype(at::kFloat)) : gb) : at::Tensor();
   if (M * N > 0 && (!identity || db.defined())) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "llr_bwd_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      dz_colsum<scalar_t, acc_t, acc_t>(g.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
-                                        identity ? nullptr : dz.data_ptr<acc_t>(),
-                                        db.defined() ? db.data_ptr<acc_t>() : nullptr, M, N,
-                                        static_cast<acc_t>(slope));
+      if (native) {
+        dz_colsum<scalar_t, scalar_t, acc_t>(g.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
+                                             identity ? nullptr : dz.data_ptr<scalar_t>(), db.defined() ? db.data_ptr<acc_t>() : nullptr,
+                                             M, N, static_cast<acc_t>(slope));
+      } else {
+        dz_colsum<scalar_t, acc_t, acc_t>(g.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
+                                          identity ? nullptr : dz.data_ptr<acc_t>(),
+                                          db.defined() ? db.data_ptr<acc_t>() : nullptr, M, N,
+                                          static_cast<acc_t>(slope));
+      }
     });
   } else if (db.defined()) {
     db.zero_();
@@ -235,13 +316,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
                         std::nullopt).view(input.sizes());
     } else {
       at::Tensor gx2 = gx.view({M, K});
-      if (half) gx2.copy_(at::mm(dz, weight.to(at::kFloat)));
+      if (native) at::cpu::mm_out(gx2, dz, weight);  // oneDNN bf16/fp16 matmul, fp32 accumulation
+      else if (half) gx2.copy_(at::mm(dz, weight.to(at::kFloat)));
       else at::cpu::mm_out(gx2, dz, weight);
     }
   };
   auto gemm_dw = [&] {
-    const at::Tensor x = half ? input.reshape({M, K}).to(at::kFloat) : input.reshape({M, K});
-    if (half) gw.copy_(at::mm(dz.t(), x));
+    const at::Tensor x = half && !native ? input.reshape({M, K}).to(at::kFloat) : input.reshape({M, K});
+    if (half && !native) gw.copy_(at::mm(dz.t(), x));
     else at::cpu::mm_out(gw, dz.t(), x);
   };
   if (mask[0] && mask[1] && !half && gx_op == nullptr && concurrent_bwd_gemms(M, N, K)) {
@@ -258,6 +340,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
 }  // namespace
 }  // namespace llr
 }  // namespace gankern
+
+// Which GEMM path the CPU kernels take for float16/bfloat16 ("native" or "fp32"), for gankern's
+// report (gankern.cpu_features) and tests.
+TORCH_LIBRARY_FRAGMENT(gankern, m) {
+  m.def("_linear_leaky_relu_cpu_gemm(ScalarType dtype) -> str", &gankern::llr::half_gemm_path);
+}
 
 TORCH_LIBRARY_IMPL(gankern, CPU, m) {
   m.impl("_linear_leaky_relu_fwd", &gankern::llr::fwd_cpu);
