@@ -76,8 +76,9 @@ def _train_parser(sub):
     a("--device", default=None, help="auto (CUDA when present), cpu, cuda, cuda:1 ... (default: auto)")
     a("--backend", choices=["auto", "cpp", "cuda", "triton", "reference"], default=None,
       help="gankern backend for the fused layers (default: auto)")
-    a("--out", default=None, help="run folder (default: runs/gan; --demo: runs/demo)")
-    a("--resume", action="store_true", default=None, help="continue the run in --out from its newest checkpoint")
+    a("--out", default=None, help="run folder, locked while this trainer runs (default: runs/gan; --demo: runs/demo)")
+    a("--resume", action="store_true", default=None, help="continue the run in --out from its newest (checksum-verified) checkpoint; a run stopped before its "
+           "first checkpoint starts over")
     a("--real-label", type=float, default=None, help="target for real images; 0.9 = one-sided label smoothing (default: 1.0)")
     a("--ema", type=float, nargs="?", const=0.999, default=None,
       help="keep an exponential moving average of the generator (decay, default 0.999 when given); samples/eval use it")
@@ -260,7 +261,8 @@ def build_parser():
     def ckpt_args(q):
         q.add_argument("--checkpoint", required=True, help="a ckpt_XXXXXXXX.pt written by gankern train")
         q.add_argument("--device", default=None, help="auto (default), cpu, cuda")
-        q.add_argument("--backend", choices=["auto", "cpp", "cuda", "triton", "reference"], default=None)
+        q.add_argument("--backend", choices=["auto", "cpp", "cuda", "triton", "reference"], default=None,
+                       help="gankern backend for the fused layers (default: auto)")
         q.add_argument("--seed", type=_int, default=0, help="noise seed (default: 0)")
         q.add_argument("--no-ema", action="store_true", help="use the raw generator even if the checkpoint has an EMA")
         _debug_arg(q)
@@ -286,13 +288,14 @@ def build_parser():
                                    "source tree is present; otherwise, or with --quick, times training steps of the "
                                    "fused vs plain-PyTorch models.")
     b.add_argument("--quick", action="store_true", help="only the quick training-step timing")
-    b.add_argument("--model", choices=["mlp", "dcgan"], default="mlp")
+    b.add_argument("--model", choices=["mlp", "dcgan"], default="mlp", help="architecture (default: mlp)")
     b.add_argument("--dataset", default="synthetic-784", help="synthetic-784 (default), digits, mnist, fashion-mnist")
-    b.add_argument("--data-dir", default=None)
-    b.add_argument("--batch-size", type=_int, default=128)
-    b.add_argument("--device", default=None)
-    b.add_argument("--backend", choices=["auto", "cpp", "cuda", "triton", "reference"], default=None)
-    b.add_argument("--threads", type=_threads, default=None)
+    b.add_argument("--data-dir", default=None, help="data folder for mnist / fashion-mnist")
+    b.add_argument("--batch-size", type=_int, default=128, help="batch size (default: 128)")
+    b.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    b.add_argument("--backend", choices=["auto", "cpp", "cuda", "triton", "reference"], default=None,
+                   help="gankern backend for the fused layers (default: auto)")
+    b.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (default: torch's choice)")
     b.add_argument("pytest_args", nargs="*", help="extra arguments for bench/run.py (e.g. -k train)")
     _debug_arg(b)
     b.set_defaults(func=_cmd_bench)
