@@ -154,7 +154,14 @@ def _check_sample_out(path, n):
         if n > PNG_MAX_N:
             raise ConfigError(f"argument --n: an image grid holds at most {PNG_MAX_N} samples; got {n} (write an .npy "
                               "for more)")
-    make_dirs(os.path.dirname(os.path.abspath(path)), "argument --out: the folder of")
+    from .checkpoint import RunFolderError, _path_problem
+    folder = os.path.dirname(os.path.abspath(path))
+    problem = _path_problem(folder)
+    if problem:
+        if problem.startswith("it is"):
+            problem = f"{folder!r} is a file, not a folder"
+        raise RunFolderError(f"argument --out {path!r}: cannot create its folder: {problem}")
+    make_dirs(folder, "argument --out: the folder")
 
 
 def _cmd_sample(args):

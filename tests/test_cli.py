@@ -275,8 +275,10 @@ def test_error_sample_out(tiny_run, tmp_path, capsys):
     ck = str(tiny_run / "ckpt_00000012.pt")
     f = tmp_path / "file"
     f.write_text("x")
-    assert "cannot create it as a folder: it is a file, not a folder" in \
-        _error_line(capsys, ["sample", "--checkpoint", ck, "--out", str(f / "x.png")])
+    assert _error_line(capsys, ["sample", "--checkpoint", ck, "--out", str(f / "x.png")]) == \
+        f"gankern: error: argument --out '{f}/x.png': cannot create its folder: '{f}' is a file, not a folder"
+    assert _error_line(capsys, ["sample", "--checkpoint", ck, "--out", str(f / "a" / "x.npy")]) == \
+        f"gankern: error: argument --out '{f}/a/x.npy': cannot create its folder: '{f}' is a file, not a folder"
     assert "argument --out: expected a path ending in .png (image grid) or .npy" in \
         _error_line(capsys, ["sample", "--checkpoint", ck, "--out", str(tmp_path / "samples")])
     assert "is a folder" in _error_line(capsys, ["sample", "--checkpoint", ck, "--out", str(tmp_path)])
