@@ -502,8 +502,8 @@ def _train_locked(cfg: TrainConfig, explicit: set, run: RunFolder) -> dict:
                                   "there; to start a new run, leave out --resume")
         if path is None:
             saved, restart = run.read_config() or {}, True
-            log(f"--resume: {out!r} holds a run that stopped before its first checkpoint; nothing to continue from, "
-                "so it starts over at step 0" + (" with its saved settings" if saved else ""))
+            print(f"--resume: {out!r} holds a run that stopped before its first checkpoint; nothing to continue from, "
+                  "so it starts over at step 0" + (" with its saved settings" if saved else ""), flush=True)
         else:
             ckpt = load_checkpoint(path, map_location=device)
             saved = ckpt["config"]
@@ -572,7 +572,7 @@ def _train_locked(cfg: TrainConfig, explicit: set, run: RunFolder) -> dict:
                               "continue it, or choose another --out")
     elif run.has_run():
         if not restart:
-            log(f"{out!r} holds a run that stopped before its first checkpoint (nothing to resume): starting over")
+            print(f"{out!r} holds a run that stopped before its first checkpoint (nothing to resume): starting over", flush=True)
         run.truncate_metrics(-1)
     run.write_json("config.json", dict(cfg.to_dict(), image_shape=list(data.image_shape), device_used=str(device),
                                        gankern_version=__version__, torch_version=str(torch.__version__)))
