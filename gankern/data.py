@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,8 +128,9 @@ def _read_bytes(path) -> bytes:
                 return f.read()
         with open(path, "rb") as f:
             return f.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"{path}: cannot read the file ({type(e).__name__}: {e}); expected a "
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+        what = "corrupt compressed data" if isinstance(e, zlib.error) else "cannot read the file"
+        raise DataError(f"{path}: {what} ({'zlib.error' if isinstance(e, zlib.error) else type(e).__name__}: {e}); expected a "
                         f"{'gzip-compressed ' if path.endswith('.gz') else ''}IDX file") from e
 
 

@@ -10,17 +10,19 @@ The training step (``make_train_step``) is the tuned loop:
   * ``precision`` "bf16" / "fp16": mixed precision (see ``make_train_step``).
 
 Run folder (``--out``): config.json, metrics.jsonl, samples/step_XXXXXXX.png (fixed noise),
-loss.png, final_metrics.json, ckpt_XXXXXXXX.pt (the last ``keep``).
+loss.png, final_metrics.json, ckpt_XXXXXXXX.pt (the last ``keep``), .lock (held while a trainer runs).
+Checkpoint and run-folder I/O (checksums, lock, atomic writes, temp-file clean-up) live in
+``gankern.checkpoint``; the names are re-exported here.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import glob
 import json
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -30,12 +32,11 @@ import torch.nn.functional as F
 
 from . import __version__
 from . import distributed
+from .checkpoint import (CKPT_FORMAT, CKPT_VERSION, CheckpointError, CheckpointWarning, RunFolder,  # noqa: F401
+                         RunFolderError, RunLockedError, checkpoint_path, list_checkpoints, load_checkpoint,
+                         payload_checksum, read_metrics, save_atomic, save_checkpoint, validate_checkpoint)
 from .data import InfiniteSampler, load_dataset
 from .models import make_models, set_backend
-
-CKPT_FORMAT = "gankern-gan-checkpoint"
-CKPT_VERSION = 1
-_CKPT_RE = re.compile(r"ckpt_(\d{8})\.pt$")
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -86,6 +87,11 @@ class TrainConfig:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+    def validate(self):
+        """Check every setting (the one place: the CLI and ``train()`` both call it); ``ConfigError`` names the
+        argument and what was expected.  Normalises ``lr_decay`` and ``backend="auto"``.  Returns self."""
+        return validate_config(self)
 
 
 DEFAULTS = TrainConfig()
@@ -142,8 +148,124 @@ def free_run_dir(base):
     return f"{base}-{i}"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated, or not a gankern checkpoint."""
+# -------------------------------------------------------------------------------------------------
+# validation (the one place for settings: TrainConfig.validate, used by the CLI and train())
+
+class ConfigError(ValueError):
+    """A setting is out of range or of the wrong type; the message names the argument and what was expected."""
+
+
+SEED_LIMIT = 2 ** 40     # the sampler seeds epoch e with seed * 1_000_003 + e: must stay inside torch's 64-bit seeds
+Z_DIM_LIMIT = 1 << 20
+
+
+def _arg(name):
+    return "--" + name.replace("_", "-")
+
+
+def _check_int(cfg, name, lo, hi=None):
+    v = getattr(cfg, name)
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+        raise ConfigError(f"argument {_arg(name)}: expected an integer {rng}; got {v!r}")
+
+
+def _check_float(cfg, name, lo, hi, lo_open=True, hi_open=False, optional=False):
+    v = getattr(cfg, name)
+    if v is None and optional:
+        return
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = ok and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+    if not ok:
+        lb = ("(" if lo_open else "[") + str(lo)
+        what = f"a finite number > {lo}" if hi is None and lo_open else \
+            f"a finite number in {lb}, {hi}{')' if hi_open else ']'}"
+        raise ConfigError(f"argument {_arg(name)}: expected {what}; got {v!r}")
+
+
+def validate_config(cfg):
+    from .data import DATASETS
+    from .models import MODELS
+    if cfg.model not in MODELS:
+        raise ConfigError(f"argument --model: expected one of {', '.join(MODELS)}; got {cfg.model!r}")
+    if cfg.dataset not in DATASETS:
+        raise ConfigError(f"argument --dataset: expected one of {', '.join(DATASETS)}; got {cfg.dataset!r}")
+    if cfg.data_dir is not None and not isinstance(cfg.data_dir, str):
+        raise ConfigError(f"argument --data-dir: expected a folder path; got {cfg.data_dir!r}")
+    if not isinstance(cfg.out, str) or not cfg.out:
+        raise ConfigError(f"argument --out: expected a folder path; got {cfg.out!r}")
+    for k in ("steps", "batch_size", "keep", "log_every"):
+        _check_int(cfg, k, 1)
+    _check_int(cfg, "z_dim", 1, Z_DIM_LIMIT)
+    for k in ("sample_every", "ckpt_every", "eval_every"):
+        _check_int(cfg, k, 0)
+    _check_int(cfg, "seed", 0, SEED_LIMIT - 1)
+    _check_float(cfg, "lr", 0.0, None)
+    _check_float(cfg, "lr_d", 0.0, None, optional=True)
+    _check_float(cfg, "beta1", 0.0, 1.0, lo_open=False, hi_open=True)
+    _check_float(cfg, "beta2", 0.0, 1.0, lo_open=False, hi_open=True)
+    _check_float(cfg, "real_label", 0.0, 1.0)
+    _check_float(cfg, "ema", 0.0, 1.0, lo_open=False, hi_open=True)
+    if cfg.lr_decay:
+        d = cfg.lr_decay
+        if (not isinstance(d, (list, tuple)) or len(d) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                        for v in d) or not 0 <= d[0] < d[1]):
+            raise ConfigError(f"argument --lr-decay: lr_decay must be two steps START < END with START >= 0; got {d!r}")
+        cfg.lr_decay = [int(d[0]), int(d[1])]
+    else:
+        cfg.lr_decay = None
+    device = resolve_device(cfg.device)
+    if cfg.backend in ("auto", ""):
+        cfg.backend = None
+    if cfg.backend is not None:
+        from ._backends import _CHOICES, _resolve_uncached
+        if cfg.backend not in _CHOICES:
+            raise ConfigError(f"argument --backend: expected one of {', '.join(_CHOICES)}; got {cfg.backend!r}")
+        try:
+            _resolve_uncached(cfg.backend, device.type)
+        except Exception as e:  # BackendUnavailableError: the reason it cannot run here
+            raise ConfigError(f"argument --backend: {cfg.backend!r} cannot run on device {str(device)!r} here: {e}") from e
+    return cfg
+
+
+def check_memory(what, nbytes, device):
+    """Refuse (``ConfigError``) before allocating when ``nbytes`` clearly exceed the memory of ``device``."""
+    avail = available_memory(device)
+    if avail is not None and nbytes > avail:
+        raise ConfigError(f"{what}: needs about {nbytes / 2**30:.1f} GiB of {'GPU ' if device.type == 'cuda' else ''}"
+                          f"memory but only {avail / 2**30:.1f} GiB is available")
+
+
+def available_memory(device):
+    """Bytes of memory available on ``device`` (CPU: MemAvailable; CUDA: free device memory), or None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return torch.cuda.mem_get_info(device)[0]
+        except Exception:
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def training_memory(cfg, image_shape):
+    """A lower bound on the bytes a training run needs: fp32 weights, gradients, two Adam moments (and the EMA
+    copy), plus one batch of activations of the widest layer.  Counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        G, D = make_models(cfg.model, tuple(image_shape), cfg.z_dim, fused=True)
+    pg = sum(p.numel() for p in G.parameters()) + sum(b.numel() for b in G.buffers())
+    pd = sum(p.numel() for p in D.parameters()) + sum(b.numel() for b in D.buffers())
+    per = 4 * (4 + (1 if cfg.ema else 0))
+    return pg * per + pd * 4 * 4 + 4 * 2 * cfg.batch_size * (cfg.z_dim + 4 * image_shape[0] * image_shape[1])
 
 
 # -------------------------------------------------------------------------------------------------
@@ -152,9 +274,18 @@ class CheckpointError(RuntimeError):
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"argument --device: expected auto, cpu, cuda or cuda:N; got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"argument --device: expected auto, cpu, cuda or cuda:N; got {device!r} (the trainer runs "
+                          "on CPU or CUDA devices)")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was requested but torch.cuda.is_available() is False")
+        raise ConfigError(f"argument --device: {device!r} was requested but torch.cuda.is_available() is False")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"argument --device: {device!r} was requested but only {torch.cuda.device_count()} CUDA "
+                          "device(s) are visible")
     return dev
 
 
@@ -348,73 +479,33 @@ def make_train_step(G, D, opt_g, opt_d, *, z_dim, batch_size, device, real_label
 # -------------------------------------------------------------------------------------------------
 # checkpoints
 
-def checkpoint_path(out, step):
-    return os.path.join(out, f"ckpt_{step:08d}.pt")
-
-
-def list_checkpoints(out):
-    """[(step, path)] sorted by step."""
-    found = []
-    for p in glob.glob(os.path.join(glob.escape(out), "ckpt_*.pt")):
-        m = _CKPT_RE.search(os.path.basename(p))
-        if m:
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def save_atomic(obj, path):
-    """torch.save to a temp file in the same folder, fsync, then os.replace: the old file survives a crash."""
-    d = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Load and validate a gankern checkpoint (weights_only=True); clear errors for bad files."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [""]
-        msg = next((ln for ln in lines if "Unsupported global" in ln), lines[0])
-        raise CheckpointError(f"{path}: cannot be read as a gankern checkpoint (truncated, corrupt, or not a torch file "
-                              f"holding only tensors and plain containers): {type(e).__name__}: {msg[:300]}") from e
-    if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
-        raise CheckpointError(f"{path}: not a gankern GAN checkpoint (expected a dict with format={CKPT_FORMAT!r}; "
-                              f"got {type(obj).__name__}{' with keys ' + str(sorted(obj)[:8]) if isinstance(obj, dict) else ''})")
-    if int(obj.get("format_version", 0)) > CKPT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {obj.get('format_version')} is newer than this gankern "
-                              f"({__version__}) understands ({CKPT_VERSION}); upgrade gankern")
-    for k in ("G", "D", "opt_G", "opt_D", "step", "config", "rng"):
-        if k not in obj:
-            raise CheckpointError(f"{path}: gankern checkpoint is missing the entry {k!r}")
-    return obj
-
-
 def models_from_checkpoint(ckpt, device="cpu", *, use_ema=True, backend=None):
     """(generator, discriminator, image_shape, config) from a loaded checkpoint; the EMA generator if present."""
     cfg = ckpt["config"]
     shape = tuple(ckpt["image_shape"])
     G, D = make_models(cfg["model"], shape, cfg["z_dim"], fused=True, backend=backend)
     ema = use_ema and ckpt.get("G_ema") is not None
-    G.load_state_dict(ckpt["G_ema"] if ema else ckpt["G"])
-    D.load_state_dict(ckpt["D"])
+    load_state(G, ckpt["G_ema"] if ema else ckpt["G"], "generator", ckpt, shape)
+    load_state(D, ckpt["D"], "discriminator", ckpt, shape)
     G, D = G.to(device), D.to(device)
     if ema and ckpt.get("G_ema_bn") != "recalibrated":  # older checkpoints: statistics copied from G
         recalibrate_batch_norm(G, cfg["z_dim"], device, BN_RECAL_SEED)
     return G, D, shape, cfg
+
+
+def load_state(module, state, what, ckpt, shape, path=None):
+    """``module.load_state_dict(state)`` with one clear ``CheckpointError`` when the weights do not fit."""
+    try:
+        return module.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))),
+                      lines[0] if lines else type(e).__name__)
+        cfg = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
+        where = f"{path}: " if path else "checkpoint: "
+        raise CheckpointError(f"{where}the {what} weights do not fit a {cfg.get('model')!r} model for "
+                              f"{shape[0]}x{shape[1]} images with z_dim {cfg.get('z_dim')} ({detail[:300].rstrip('.')}); was it "
+                              "written for another image size, model or z_dim?") from None
 
 
 # -------------------------------------------------------------------------------------------------
@@ -469,26 +560,9 @@ def plot_losses(metrics_jsonl, path):
     return path
 
 
-def read_metrics(path):
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        pass  # a line cut by a crash
-    return rows
-
-
 def _truncate_metrics(path, step):
-    """Drop metric lines written after ``step`` (a resumed run rewrites them)."""
-    rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    """Drop metric lines written after ``step`` (a resumed run rewrites them); atomic."""
+    RunFolder(os.path.dirname(os.path.abspath(path))).truncate_metrics(step)
 
 
 @torch.no_grad()
@@ -567,38 +641,76 @@ def train(cfg: TrainConfig, explicit: set | None = None) -> dict:
     Under torchrun (``torchrun --nproc_per_node=N -m gankern train ...``) each process runs one rank of a
     DistributedDataParallel job (``gankern.distributed``): ``batch_size`` is the global batch, rank 0
     alone writes the run folder.
+    The settings are validated first (``TrainConfig.validate``); the run folder is locked for the whole run
+    (``RunLockedError`` if another trainer holds it; under torchrun rank 0 holds the lock) and temp files of
+    killed saves are removed.
     """
+    cfg.validate()
     dctx = distributed.setup(resolve_device(cfg.device))
     with dctx.guard():
-        return _train(cfg, explicit, dctx)
+        cfg.out = dctx.share(lambda: cfg.out)  # rank 0's folder (e.g. --demo's free_run_dir)
+        run = RunFolder(cfg.out)
+        with contextlib.ExitStack() as held:
+            def take_lock():  # on rank 0; a refusal is raised on every rank
+                held.enter_context(run.lock())
+                run.clean_temp_files()
+            dctx.share(take_lock)
+            return _train(cfg, set(explicit or ()), dctx, run)
 
 
-def _train(cfg: TrainConfig, explicit, dctx) -> dict:
-    explicit = set(explicit or ())
+def _train(cfg: TrainConfig, explicit: set, dctx, run: RunFolder) -> dict:
     log = _Log(cfg.quiet or not dctx.is_main)
     device = dctx.device
     check_precision(cfg.precision, device)
     cfg.lr_decay = resolve_lr_decay(cfg.lr_decay, cfg.steps)  # "auto" -> the second half of this run's steps
-    cfg.out = out = dctx.share(lambda: cfg.out)  # rank 0's folder (e.g. --demo's free_run_dir)
+    out = cfg.out
     if dctx.is_main:
         os.makedirs(out, exist_ok=True)
     ckpt = None
+    restart = False  # a run stopped before its first checkpoint is started over
     if cfg.resume:
+        def read_resume():
+            p = run.latest_checkpoint()
+            if p is None and not run.has_run():
+                raise CheckpointError(f"--resume: no checkpoint (ckpt_XXXXXXXX.pt) found in {out!r} and no run to "
+                                      "continue there; to start a new run, leave out --resume")
+            if p is None:
+                return p, None, run.read_config() or {}
+            ck = load_checkpoint(p, map_location="cpu" if dctx.enabled else device)
+            return p, ck, ck["config"]
         # rank 0 reads the checkpoint and sends it to every rank (no shared file system needed)
-        path, ckpt = dctx.share(lambda: (lambda p: (p, load_checkpoint(p, map_location="cpu" if dctx.enabled
-                                                                         else device)))(_latest_checkpoint(out)))
-        saved = ckpt["config"]
-        clash = [k for k in LOCKED if k in explicit and saved.get(k) != getattr(cfg, k)]
+        path, ckpt, saved = dctx.share(read_resume)
+        if ckpt is None:
+            restart = True
+            if dctx.is_main:
+                print(f"--resume: {out!r} holds a run that stopped before its first checkpoint; nothing to continue "
+                      "from, so it starts over at step 0" + (" with its saved settings" if saved else ""), flush=True)
+        clash = [k for k in LOCKED if k in explicit and k in saved and saved.get(k) != getattr(cfg, k)]
         if clash:
             raise ValueError("--resume continues the run with its saved settings; these differ from the checkpoint: "
                              + ", ".join(f"{k} (saved {saved.get(k)!r}, given {getattr(cfg, k)!r})" for k in clash))
         for k in LOCKED + ("data_dir",):
             if k in saved and not (k == "data_dir" and k in explicit):
                 setattr(cfg, k, saved[k])
-        log(f"resuming from {path} at step {int(ckpt['step'])} (target: {cfg.steps} steps)")
+        try:
+            cfg.validate()
+        except ValueError as e:
+            raise CheckpointError(f"{path or run.config_path}: the saved settings are invalid: {e}") from None
+        if ckpt is not None:
+            log(f"resuming from {path} at step {int(ckpt['step'])} (target: {cfg.steps} steps)")
         check_precision(cfg.precision, device)
 
     data = load_dataset(cfg.dataset, cfg.data_dir)
+    if ckpt is not None and tuple(ckpt["image_shape"]) != tuple(data.image_shape):
+        s0, s1 = ckpt["image_shape"], data.image_shape
+        raise CheckpointError(f"--resume: {path} was trained on {s0[0]}x{s0[1]} images but the data (dataset "
+                              f"{cfg.dataset}{', --data-dir ' + repr(cfg.data_dir) if cfg.data_dir else ''}) holds "
+                              f"{s1[0]}x{s1[1]} images; resume with the data the run was trained on")
+    if len(data) < cfg.batch_size:
+        raise ConfigError(f"argument --batch-size: expected at most the dataset size ({cfg.dataset}: {len(data)} "
+                          f"images); got {cfg.batch_size}")
+    check_memory(f"the {cfg.model} GAN for {data.image_shape[0]}x{data.image_shape[1]} images with --z-dim {cfg.z_dim} "
+                 f"and --batch-size {cfg.batch_size}", training_memory(cfg, data.image_shape), device)
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.cuda.manual_seed_all(cfg.seed)
@@ -608,8 +720,6 @@ def _train(cfg: TrainConfig, explicit, dctx) -> dict:
     opt_g, opt_d = make_optimizers(G, D, cfg, device)
     ema_model = None
     if cfg.ema:
-        if not 0.0 < cfg.ema < 1.0:
-            raise ValueError(f"--ema is the EMA decay and must be in (0, 1); got {cfg.ema}")
         if dctx.is_main:  # a copy of G before any BatchNorm is synchronized: rank 0 alone samples from it
             ema_model = copy.deepcopy(G).requires_grad_(False)
     G_train, D_train = dctx.wrap(G, D, cfg.sync_bn)  # DDP under torchrun; G, D themselves otherwise
@@ -624,14 +734,19 @@ def _train(cfg: TrainConfig, explicit, dctx) -> dict:
     metrics_path = os.path.join(out, "metrics.jsonl")
     start = 0
     if ckpt is not None:
-        G.load_state_dict(ckpt["G"])
-        D.load_state_dict(ckpt["D"])
-        opt_g.load_state_dict(ckpt["opt_G"])
-        opt_d.load_state_dict(ckpt["opt_D"])
+        load_state(G, ckpt["G"], "generator", ckpt, data.image_shape, path)
+        load_state(D, ckpt["D"], "discriminator", ckpt, data.image_shape, path)
+        try:
+            opt_g.load_state_dict(ckpt["opt_G"])
+            opt_d.load_state_dict(ckpt["opt_D"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: the optimizer state does not fit the model ({e})") from None
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         if ema_model is not None:
-            ema_model.load_state_dict(ckpt["G_ema"])
+            if ckpt.get("G_ema") is None:
+                raise CheckpointError(f"{path}: the run uses an EMA generator (--ema) but the checkpoint holds none")
+            load_state(ema_model, ckpt["G_ema"], "EMA generator", ckpt, data.image_shape, path)
             step_fn.set_ema_updates(ckpt.get("ema_updates", ckpt["step"]))
         sampler.load_state_dict(ckpt["rng"]["sampler"])
         start = int(ckpt["step"])
@@ -639,18 +754,22 @@ def _train(cfg: TrainConfig, explicit, dctx) -> dict:
             log(f"the checkpoint was written by a run of another world size: noise streams restart from seeds "
                 f"derived from --seed and step {start} (the run continues, not bit for bit)")
         if dctx.is_main:
-            _truncate_metrics(metrics_path, start)
+            run.truncate_metrics(start)
     else:
         def check_free():
-            if os.path.exists(metrics_path) or list_checkpoints(out):
+            if run.list_checkpoints():
                 raise FileExistsError(f"run folder {out!r} already holds a run (metrics.jsonl / checkpoints): pass "
                                       "--resume to continue it, or choose another --out")
+            if run.has_run():
+                if not restart:
+                    print(f"{out!r} holds a run that stopped before its first checkpoint (nothing to resume): "
+                          "starting over", flush=True)
+                run.truncate_metrics(-1)
         dctx.share(check_free)
     if dctx.is_main:
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(dict(cfg.to_dict(), image_shape=list(data.image_shape), device_used=str(device),
-                           gankern_version=__version__, torch_version=str(torch.__version__),
-                           world_size=dctx.world), f, indent=2)
+        run.write_json("config.json", dict(cfg.to_dict(), image_shape=list(data.image_shape), device_used=str(device),
+                                           gankern_version=__version__, torch_version=str(torch.__version__),
+                                           world_size=dctx.world))
 
     fixed_z_seed = cfg.seed + 7
     recal_at = [None]
@@ -681,14 +800,7 @@ def _train(cfg: TrainConfig, explicit, dctx) -> dict:
                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
                        "sampler": sampler.state_dict(),
                        **({"ranks": rng_ranks} if dctx.enabled else {})}}
-        path = checkpoint_path(out, step)
-        save_atomic(obj, path)
-        for _, old in list_checkpoints(out)[:-max(1, cfg.keep)]:
-            try:
-                os.remove(old)
-            except OSError:
-                pass
-        return path
+        return run.save_checkpoint(obj, step, keep=cfg.keep)
 
     def save_samples(step):
         imgs = generate(ready_sample_g(), 64, cfg.z_dim, device, fixed_z_seed)
@@ -713,7 +825,7 @@ def _train(cfg: TrainConfig, explicit, dctx) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, smoothing=0.05)
     print_every = max(cfg.log_every, (total - start) // 10 or 1)
-    mf = open(metrics_path if dctx.is_main else os.devnull, "a")
+    mf = run.open_metrics() if dctx.is_main else open(os.devnull, "a")
     t0 = time.perf_counter()
     t_last, s_last = t0, start
     last_ckpt = None
@@ -787,8 +899,7 @@ def _train(cfg: TrainConfig, explicit, dctx) -> dict:
         summary["compare_torch"] = compare_speed(cfg, data, device, log=print)
     files["final_metrics"] = os.path.join(out, "final_metrics.json")
     summary["files"] = files
-    with open(files["final_metrics"], "w") as f:
-        json.dump(summary, f, indent=2)
+    run.write_json("final_metrics.json", summary)
     sps = f", {summary['steps_per_s']} steps/s" if summary["steps_per_s"] else ""
     print(f"trained {trained} steps in {elapsed:.1f}s{sps} on {device} (backend {cfg.backend or 'auto'})", flush=True)
     for k, v in files.items():

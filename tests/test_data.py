@@ -109,6 +109,19 @@ def test_truncated_and_trailing(tmp_path):
         read_idx_images(str(g))
 
 
+def test_corrupt_deflate_stream(tmp_path):
+    """A .gz whose header is fine but whose deflate data is corrupt raises zlib.error inside gzip: a DataError."""
+    imgs = np.random.default_rng(1).integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
+    raw = gzip.compress(idx_images(imgs))
+    for start in (10, 40, len(raw) // 2):
+        bad = raw[:start] + bytes(b ^ 0xFF for b in raw[start:start + 32]) + raw[start + 32:]
+        g = tmp_path / "train-images-idx3-ubyte.gz"
+        g.write_bytes(bad)
+        with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: (corrupt compressed data \(zlib.error|"
+                                            r"cannot read the file)"):
+            read_idx_images(str(g))
+
+
 def test_count_mismatch_and_bad_labels(tmp_path):
     (tmp_path / "train-images-idx3-ubyte").write_bytes(idx_images(np.zeros((3, 4, 4))))
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx_labels(np.zeros(2)))

@@ -492,7 +492,7 @@ def killed_run(tmp_path_factory):
 def test_a_dead_rank_makes_the_others_exit_with_a_clear_error(killed_run):
     out, rc0, err0, waited = killed_run
     assert rc0 != 0
-    assert "gankern train: error: rank 0 of 2: a collective with the other ranks failed" in err0, err0[-3000:]
+    assert "gankern: error: rank 0 of 2: a collective with the other ranks failed" in err0, err0[-3000:]
     assert waited < 60
 
 

@@ -227,3 +227,23 @@ def test_ema_checkpoint_holds_recalibrated_statistics(tmp_path):
     G2, _, _, _ = T.models_from_checkpoint(ck2)
     for k, v in G2.state_dict().items():
         assert torch.equal(v, want[k]), k
+
+
+def test_run_stopped_before_its_first_checkpoint_starts_over(tmp_path, capsys):
+    """A run killed before (or during) its first save left config.json + metrics.jsonl and no checkpoint: both a
+    fresh start and --resume start it over (the same losses as a clean run), and say so."""
+    ref = train(cfg(tmp_path / "ref", steps=10, sample_every=0, ckpt_every=0))
+    want = [(r["step"], r["loss_d"], r["loss_g"]) for r in map(json.loads, open(tmp_path / "ref" / "metrics.jsonl"))]
+    for resume in (False, True):
+        out = tmp_path / f"stopped-{resume}"
+        out.mkdir()
+        (out / "config.json").write_text(json.dumps(dict(cfg(out, steps=10).to_dict(), image_shape=[8, 8])))
+        (out / "metrics.jsonl").write_text('{"step": 5, "loss_d": 9.0}\n{"step": 10, "loss_d"')  # cut by the kill
+        (out / ".ckpt_00000010.pt.tmp-999999999").write_bytes(b"\0" * 100)  # the killed save's temp file
+        capsys.readouterr()
+        s = train(cfg(out, steps=10, sample_every=0, ckpt_every=0, resume=resume))
+        assert "stopped before its first checkpoint" in capsys.readouterr().out
+        got = [(r["step"], r["loss_d"], r["loss_g"]) for r in map(json.loads, open(out / "metrics.jsonl"))]
+        assert got == want and s["steps"] == 10
+        assert not [n for n in os.listdir(out) if ".tmp-" in n]
+        _assert_same(load_checkpoint(s["checkpoint"])["G"], load_checkpoint(ref["checkpoint"])["G"], "G")
