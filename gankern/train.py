@@ -206,7 +206,9 @@ def validate_config(cfg):
     _check_float(cfg, "beta2", 0.0, 1.0, lo_open=False, hi_open=True)
     _check_float(cfg, "real_label", 0.0, 1.0)
     _check_float(cfg, "ema", 0.0, 1.0, lo_open=False, hi_open=True)
-    if cfg.lr_decay:
+    if cfg.lr_decay == "auto":
+        pass  # the second half of the run's steps (resolve_lr_decay, once the steps are final)
+    elif cfg.lr_decay:
         d = cfg.lr_decay
         if (not isinstance(d, (list, tuple)) or len(d) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
                                                                         for v in d) or not 0 <= d[0] < d[1]):
@@ -215,6 +217,10 @@ def validate_config(cfg):
     else:
         cfg.lr_decay = None
     device = resolve_device(cfg.device)
+    try:
+        check_precision(cfg.precision, device)
+    except ValueError as e:
+        raise ConfigError(f"argument --precision: {e}") from None
     if cfg.backend in ("auto", ""):
         cfg.backend = None
     if cfg.backend is not None:
@@ -699,6 +705,7 @@ def _train(cfg: TrainConfig, explicit: set, dctx, run: RunFolder) -> dict:
         if ckpt is not None:
             log(f"resuming from {path} at step {int(ckpt['step'])} (target: {cfg.steps} steps)")
         check_precision(cfg.precision, device)
+        cfg.lr_decay = resolve_lr_decay(cfg.lr_decay, cfg.steps)  # a saved config may say "auto"
 
     data = load_dataset(cfg.dataset, cfg.data_dir)
     if ckpt is not None and tuple(ckpt["image_shape"]) != tuple(data.image_shape):
