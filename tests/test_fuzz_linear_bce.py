@@ -106,7 +106,7 @@ def check_llr(c):
 
 
 @child_only
-@fuzz_settings(60)
+@fuzz_settings(150)
 @given(llr_cases())
 def test_inner_llr(case):
     try:
@@ -176,7 +176,7 @@ def check_bce(c):
 
 
 @child_only
-@fuzz_settings(80)
+@fuzz_settings(200)
 @given(bce_cases())
 def test_inner_bce(case):
     check_bce(case)
