@@ -211,4 +211,7 @@ def bce_with_logits(input, target, weight=None, reduction="mean", pos_weight=Non
         if torch.is_grad_enabled():
             _not_differentiable(weight, pos_weight)
         return _triton_fwd(input, tt, ts, weight, pos_weight, red)
+    if input.dtype == torch.float64:  # weights used in float64 for float64 inputs, as the kernels do
+        weight = weight.double() if weight is not None else None
+        pos_weight = pos_weight.double() if pos_weight is not None else None
     return reference.bce_with_logits(input, target, weight, reduction, pos_weight)
