@@ -37,7 +37,7 @@ void check_args(const at::Tensor& input, const std::optional<at::Tensor>& target
   TORCH_CHECK(input.defined(), "bce_with_logits: input must be a tensor");
   const auto dt = input.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
-              "bce_with_logits: input must be a float32, float16, bfloat16 or float64 tensor, got ", dt);
+              "bce_with_logits: input must be a float32, float16, bfloat16 or float64 tensor, got ", py_dtype(dt));
   TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2,
                     "bce_with_logits: reduction must be 0 ('none'), 1 ('mean') or 2 ('sum'), got ", reduction);
   if (target.has_value() && target->defined()) {
@@ -46,8 +46,8 @@ void check_args(const at::Tensor& input, const std::optional<at::Tensor>& target
                       ") must be the same as input size (", sizes_str(input.sizes()), ")");
     TORCH_CHECK(t.device() == input.device(), "bce_with_logits: target must be on the input's device ",
                 input.device(), ", got ", t.device());
-    TORCH_CHECK(t.scalar_type() == dt, "bce_with_logits: target must have the input's dtype ", dt, ", got ",
-                t.scalar_type(), " (convert it, or pass a float target)");
+    TORCH_CHECK(t.scalar_type() == dt, "bce_with_logits: target must have the input's dtype ", py_dtype(dt), ", got ",
+                py_dtype(t.scalar_type()), " (convert it, or pass a float target)");
   }
   const char* names[2] = {"weight", "pos_weight"};
   const std::optional<at::Tensor>* ts[2] = {&weight, &pos_weight};
@@ -55,7 +55,7 @@ void check_args(const at::Tensor& input, const std::optional<at::Tensor>& target
     if (!ts[i]->has_value() || !(*ts[i])->defined()) continue;
     const at::Tensor& w = **ts[i];
     TORCH_CHECK(at::isFloatingType(w.scalar_type()), "bce_with_logits: ", names[i],
-                " must be a floating-point tensor, got ", w.scalar_type());
+                " must be a floating-point tensor, got ", py_dtype(w.scalar_type()));
     TORCH_CHECK(w.device() == input.device(), "bce_with_logits: ", names[i], " must be on the input's device ",
                 input.device(), ", got ", w.device());
     TORCH_CHECK(at::is_expandable_to(w.sizes(), input.sizes()), "bce_with_logits: ", names[i], " of shape ",
@@ -185,6 +185,10 @@ struct BceFn : public torch::autograd::Function<BceFn> {
 at::Tensor bce_autograd(const at::Tensor& input, const std::optional<at::Tensor>& target, double target_scalar,
                         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
                         int64_t reduction) {
+  // Checked here, before the dispatcher picks a kernel for the internal op: with a tensor on
+  // another device (say `meta`) it would pick that device's kernel (a fake one for meta) and
+  // return uninitialised memory instead of an error.
+  bce::check_args(input, target, target_scalar, weight, pos_weight, reduction);
   const bool t_def = target.has_value() && target->defined();
   if (at::GradMode::is_enabled()) {
     // As torch: weight / pos_weight are not differentiable.
@@ -205,6 +209,7 @@ at::Tensor bce_autograd(const at::Tensor& input, const std::optional<at::Tensor>
 at::Tensor bce_noautograd(const at::Tensor& input, const std::optional<at::Tensor>& target, double target_scalar,
                           const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
                           int64_t reduction) {
+  bce::check_args(input, target, target_scalar, weight, pos_weight, reduction);  // see bce_autograd
   return fwd_op().call(input, target, target_scalar, weight, pos_weight, reduction);
 }
 

@@ -32,9 +32,9 @@ void check_args(const at::Tensor& input, const at::Tensor& weight, const at::Ten
   TORCH_CHECK(input.dim() >= 1, op, ": input must have shape (*, in_features) with at least 1 dimension; got a 0-d tensor");
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features); got shape ", weight.sizes());
   TORCH_CHECK(supported_dtype(input.scalar_type()), op,
-              ": input must be float32, float64, float16 or bfloat16; got ", input.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
-              " does not match input dtype ", input.scalar_type());
+              ": input must be float32, float64, float16 or bfloat16; got ", py_dtype(input.scalar_type()));
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op, ": weight dtype ", py_dtype(weight.scalar_type()),
+              " does not match input dtype ", py_dtype(input.scalar_type()));
   TORCH_CHECK(weight.device() == input.device(), op, ": weight is on ", weight.device(),
               " but input is on ", input.device(), " (expected the same device)");
   TORCH_CHECK(input.size(-1) == weight.size(1), op, ": input.shape[-1] (in_features) must equal weight.shape[1]; got input shape ",
@@ -42,8 +42,8 @@ void check_args(const at::Tensor& input, const at::Tensor& weight, const at::Ten
   if (bias.defined()) {
     TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0), op, ": bias must have shape (out_features,) = (",
                 weight.size(0), ",); got shape ", bias.sizes());
-    TORCH_CHECK(bias.scalar_type() == input.scalar_type(), op, ": bias dtype ", bias.scalar_type(),
-                " does not match input dtype ", input.scalar_type());
+    TORCH_CHECK(bias.scalar_type() == input.scalar_type(), op, ": bias dtype ", py_dtype(bias.scalar_type()),
+                " does not match input dtype ", py_dtype(input.scalar_type()));
     TORCH_CHECK(bias.device() == input.device(), op, ": bias is on ", bias.device(), " but input is on ",
                 input.device(), " (expected the same device)");
   }
@@ -101,10 +101,17 @@ variable_list llr_backward(AutogradContext* ctx, const at::Tensor& g, bool nx, b
   if (!g.defined() || !(nx || nw || nb)) return {gx, gw, gb};
   if (at::GradMode::is_enabled()) {
     // create_graph=True: differentiable ATen ops, so the gradient can be differentiated again
-    // (WGAN-GP / R1 penalties).  The mask is piecewise constant: no gradient flows through y.
+    // (WGAN-GP / R1 penalties), with the graph torch builds for leaky_relu(linear(x, w, b)):
+    // dZ through ATen's leaky_relu_backward on the saved output y (torch has it on z; the sign is
+    // the same for slope >= 0).  Its derivative with respect to y is zero (the mask is piecewise
+    // constant), but it keeps y, and through y the bias, weight and input, in the graph, so a
+    // penalty differentiated again gives them zero gradients where torch does, not None (an
+    // optimizer skips parameters whose .grad is None: Adam's step counts would differ).  Slope 1
+    // is a plain nn.Linear (gankern.nn.Linear): no activation in torch's graph, dZ = dY, and no
+    // gradient reaches the bias (None), as with torch's linear.
     const int64_t N = w.size(0), K = w.size(1);
     const int64_t M = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
-    at::Tensor dz = at::where(y.detach() > 0, g, g * slope).reshape({M, N});
+    at::Tensor dz = (slope == 1.0 ? g : at::leaky_relu_backward(g, y, slope, false)).reshape({M, N});
     if (nx) gx = dz.mm(w).reshape(x.sizes());
     if (nw) gw = dz.t().mm(x.reshape({M, K}));
     if (nb) gb = dz.sum(0);

@@ -262,15 +262,15 @@ def test_bad_input_errors(backend):
         bce(x, "1", backend=backend)
     with pytest.raises((RuntimeError, NotImplementedError), match="input|Long"):
         bce(x.long(), t.long(), backend=backend)
-    with pytest.raises(RuntimeError, match="weight" if backend != "reference" else "size of tensor"):
+    with pytest.raises(RuntimeError, match="weight"):
         bce(x, t, torch.rand(5), backend=backend)
-    with pytest.raises(RuntimeError, match="pos_weight" if backend != "reference" else "broadcast shape"):
+    with pytest.raises(RuntimeError, match="pos_weight"):
         bce(x, t, pos_weight=torch.rand(2, 4, 3), backend=backend)
-    if backend != "reference":  # gankern is stricter than torch's promotion here: a clear error
-        with pytest.raises(RuntimeError, match="target must have the input's dtype"):
-            bce(x, t.double(), backend=backend)
-        with pytest.raises(RuntimeError, match="weight must be a floating-point"):
-            bce(x, t, torch.ones(3, dtype=torch.long), backend=backend)
+    # gankern is stricter than torch's promotion here, on every backend (reference included): a clear error
+    with pytest.raises(RuntimeError, match="target must have the input's dtype"):
+        bce(x, t.double(), backend=backend)
+    with pytest.raises(RuntimeError, match="weight must be a floating-point"):
+        bce(x, t, torch.ones(3, dtype=torch.long), backend=backend)
 
 
 def test_bad_device_error_message():
@@ -401,3 +401,52 @@ def test_gpu_gradcheck_cuda_fp64():
 def test_gpu_opcheck_cuda():
     x = torch.randn(6, 3, device="cuda", requires_grad=True)
     torch.library.opcheck(torch.ops.gankern.bce_with_logits.default, (x, None, 1.0, None, None, 1))
+
+
+# ---------------- issue 12 regressions ----------------
+BCE_SAME_ERROR_BAD = [
+    lambda: dict(weight=torch.ones(3, device="meta")),
+    lambda: dict(pos_weight=torch.ones(3, device="meta")),
+    lambda: dict(target=torch.ones(4, 3, device="meta")),
+    lambda: dict(weight=[1.0, 2.0, 3.0]),
+    lambda: dict(pos_weight=[1.0, 2.0, 3.0]),
+    lambda: dict(target=torch.ones(4, 3, dtype=torch.long)),
+    lambda: dict(weight=torch.ones(3, dtype=torch.long)),
+    lambda: dict(weight=torch.ones(5)),
+    lambda: dict(target=torch.ones(4, 2)),
+    lambda: dict(target="1"),
+    lambda: dict(reduction="avg"),
+    lambda: dict(input=torch.ones(4, 3, dtype=torch.long)),
+]
+
+
+@pytest.mark.parametrize("i", range(len(BCE_SAME_ERROR_BAD)))
+def test_bad_input_same_error_every_backend(i):
+    """Tensors on another device (meta), Python lists, wrong dtypes/shapes: the same exception type and message
+    on every backend (before: uninitialised memory for meta, AttributeError on triton for lists)."""
+    seen = {}
+    for be in CPU_BACKENDS:
+        kw = dict(input=torch.randn(4, 3), target=1.0)
+        kw.update(BCE_SAME_ERROR_BAD[i]())
+        with pytest.raises(Exception) as e:
+            gankern.bce_with_logits(kw.pop("input"), kw.pop("target"), **kw, backend=be)
+        assert isinstance(e.value, (TypeError, RuntimeError, ValueError)), repr(e.value)
+        seen[be] = (type(e.value), str(e.value))
+    assert len(set(seen.values())) == 1, seen
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="gankern._C not built")
+@pytest.mark.parametrize("arg", ["target", "weight", "pos_weight"])
+def test_other_device_internal_op_and_fake_kernel(arg):
+    """The internal op (the dispatcher would pick the meta kernel) and the fake kernel check devices too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    x = torch.randn(4, 3)
+    args = dict(target=None, weight=None, pos_weight=None)
+    args[arg] = torch.ones(4, 3, device="meta")
+    call = lambda x: torch.ops.gankern._bce_with_logits_fwd(x, args["target"], 0.5, args["weight"],  # noqa: E731
+                                                            args["pos_weight"], 1)
+    with pytest.raises(RuntimeError, match=f"{arg} must be on the input's device"):
+        call(x)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with pytest.raises(RuntimeError, match=f"{arg} must be on the input's device"):
+            call(torch.empty(4, 3))

@@ -337,3 +337,107 @@ def test_gpu_opcheck_and_compile():
     torch.library.opcheck(torch.ops.gankern.linear_leaky_relu.default, (x.requires_grad_(), w, b, 0.2))
     cf = torch.compile(lambda x: gankern.linear_leaky_relu(x, w, b, 0.2, backend="cuda"), fullgraph=True)
     assert_close(cf(x), F.leaky_relu(F.linear(x.double(), w.double(), b.double()), 0.2))
+
+
+# ---------------- issue 12 / 14 regressions ----------------
+LAYOUT_CASES = {
+    "bias[::2]": lambda x, w, b: (x, w, torch.randn(2 * b.shape[0])[::2]),
+    "bias expanded": lambda x, w, b: (x, w, torch.randn(1).expand(b.shape[0])),
+    "input[:, ::2]": lambda x, w, b: (torch.randn(x.shape[0], 2 * x.shape[1])[:, ::2], w, b),
+    "input expanded": lambda x, w, b: (torch.randn(1, x.shape[1]).expand(x.shape), w, b),
+    "input transposed": lambda x, w, b: (torch.randn(x.shape[1], x.shape[0]).t(), w, b),
+    "weight[::2]": lambda x, w, b: (x, torch.randn(2 * w.shape[0], w.shape[1])[::2] * .05, b),
+    "weight expanded": lambda x, w, b: (x, (torch.randn(1, w.shape[1]) * .05).expand(w.shape), b),
+    "weight transposed": lambda x, w, b: (x, (torch.randn(w.shape[1], w.shape[0]) * .05).t(), b),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUT_CASES))
+@pytest.mark.parametrize("path", ["cpp-onednn", "cpp-mkl", "cpp-small", "triton", "reference"])
+def test_any_strides_every_path(monkeypatch, layout, path):
+    """Strided / expanded / transposed operands on every GEMM path (2^26 MACs: above the oneDNN threshold)."""
+    be, _, eng = path.partition("-")
+    if be not in CPU_BACKENDS:
+        pytest.skip(f"{be} unavailable")
+    if eng:
+        monkeypatch.setenv("GANKERN_LLR_GEMM", "mkl" if eng == "mkl" else "onednn")
+    M, K, N = (256, 512, 512) if be == "cpp" and eng != "small" else (7, 9, 5)
+    x, w, b = LAYOUT_CASES[layout](torch.randn(M, K), torch.randn(N, K) * .05, torch.randn(N))
+    leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+    y = gankern.linear_leaky_relu(*leaves, 0.2, backend=be)
+    refs = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    z = F.linear(*refs)
+    assert_close(y, F.leaky_relu(z, 0.2), scale=sqrt_scale(K), name="output")
+    g = torch.randn(y.shape)
+    # the kink: where fp32 rounding may flip the sign of z, use the mask the kernel used (its output's sign)
+    m = torch.where(z.abs() < 1e-4, y.detach() > 0, z > 0)
+    dz = torch.where(m, g.double(), 0.2 * g.double())
+    for got, exp, name in zip(torch.autograd.grad(y, leaves, g), (dz @ refs[1], dz.t() @ refs[0], dz.sum(0)),
+                              ["grad_input", "grad_weight", "grad_bias"]):
+        assert_close(got, exp, scale=sqrt_scale(M), name=name)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("slope", [0.2, 0.0, -0.3, 1.0])
+def test_lazy_r1_penalty_grads_match_torch(backend, slope):
+    """Issue 14: R1 penalty alone (autograd.grad(create_graph) then backward): gradients defined where torch's are
+    (zeros included), equal values, equal Adam step counts.  Slope 1 is a plain nn.Linear."""
+    torch.manual_seed(0)
+    init = [torch.randn(16, 8, dtype=torch.float64), torch.randn(16, dtype=torch.float64),
+            torch.randn(1, 16, dtype=torch.float64), torch.randn(1, dtype=torch.float64)]
+    runs = []
+    for mode in ("torch", backend):
+        ps = [t.clone().requires_grad_() for t in init]
+        opt = torch.optim.Adam(ps, lr=1e-2)
+        grads = []
+        for step in range(4):
+            x = torch.randn(32, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(step)).requires_grad_()
+            if mode == "torch":
+                z = F.linear(x, ps[0], ps[1])
+                d = F.linear(z if slope == 1.0 else F.leaky_relu(z, slope), ps[2], ps[3])
+            else:
+                h = gankern.linear_leaky_relu(x, ps[0], ps[1], slope, backend=mode)
+                d = gankern.linear_leaky_relu(h, ps[2], ps[3], 1.0, backend=mode)
+            (gx,) = torch.autograd.grad(d.sum(), x, create_graph=True)
+            opt.zero_grad(set_to_none=True)
+            (gx.square().sum() * 5).backward()
+            grads.append([p.grad for p in ps])
+            opt.step()
+        runs.append((grads, [int(opt.state[p]["step"]) if p in opt.state else 0 for p in ps], ps))
+    (gt, st, pt), (gg, sg, pg) = runs
+    for a_step, e_step in zip(gg, gt):
+        for a, e, name in zip(a_step, e_step, ["w1", "b1", "w2", "b2"]):
+            assert (a is None) == (e is None), f"{name}.grad: gankern {'None' if a is None else 'defined'}, torch {'None' if e is None else 'defined'}"
+            if a is not None:
+                assert_close(a, e, torch.float64, name=f"{name}.grad")
+    assert sg == st, f"Adam step counts {sg} vs torch {st}"
+    for a, e in zip(pg, pt):
+        assert_close(a, e, torch.float64, name="parameters after 4 steps")
+
+
+SAME_ERROR_BAD = [
+    lambda: (torch.randn(4, 5), [[1.0] * 5] * 3, None, 0.2),
+    lambda: (torch.randn(4, 5), torch.randn(3, 5), [1.0] * 3, 0.2),
+    lambda: (torch.randn(4, 5), torch.randn(3, 5), None, "0.2"),
+    lambda: (torch.randn(4, 5), torch.randn(3, 5).double(), None, 0.2),
+    lambda: (torch.randn(4, 5), torch.randn(3, 5), torch.randn(3).half(), 0.2),
+    lambda: (torch.randn(4, 5), torch.randn(3, 5), torch.randn(3, device="meta"), 0.2),
+    lambda: (torch.randn(4, 5), torch.randn(3, 5, device="meta"), None, 0.2),
+    lambda: (torch.randn(4, 5), torch.randn(3, 6), None, 0.2),
+    lambda: (torch.randn(4, 5), torch.randn(5), None, 0.2),
+    lambda: (torch.randn(4, 5), torch.randn(3, 5), torch.randn(4), 0.2),
+    lambda: (torch.randint(0, 3, (4, 5)), torch.randint(0, 3, (3, 5)), None, 0.2),
+    lambda: (torch.tensor(1.0), torch.randn(3, 1), None, 0.2),
+]
+
+
+@pytest.mark.parametrize("i", range(len(SAME_ERROR_BAD)))
+def test_bad_input_same_error_every_backend(i):
+    """One contract: the same exception type and message on every backend."""
+    seen = {}
+    for be in CPU_BACKENDS:
+        with pytest.raises(Exception) as e:
+            gankern.linear_leaky_relu(*SAME_ERROR_BAD[i](), backend=be)
+        assert isinstance(e.value, (TypeError, RuntimeError, ValueError)), repr(e.value)
+        seen[be] = (type(e.value), str(e.value))
+    assert len(set(seen.values())) == 1, seen

@@ -180,12 +180,14 @@ at::Tensor onednn_fwd(const LinearPointwise& op, const at::Tensor& x2, const at:
   return op.call(x2, w, bias, "leaky_relu", scalars, std::nullopt);
 }
 
-at::Tensor fwd_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
+at::Tensor fwd_cpu(const at::Tensor& input_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_opt,
                    double slope) {
   GANKERN_NO_AUTOCAST();
-  const at::Tensor bias = bias_opt.has_value() ? *bias_opt : at::Tensor();
-  check_args(input, weight, bias, kFwd);
-  TORCH_CHECK(input.device().is_cpu(), kFwd, ": expected CPU tensors, got ", input.device());
+  check_args(input_, weight_, bias_opt.has_value() ? *bias_opt : at::Tensor(), kFwd);
+  TORCH_CHECK(input_.device().is_cpu(), kFwd, ": expected CPU tensors, got ", input_.device());
+  // any strides torch accepts: dense operands for the GEMM paths below (oneDNN reads raw strides)
+  const at::Tensor input = dense(input_), weight = dense_or_transposed(weight_);
+  const at::Tensor bias = bias_opt.has_value() ? dense(*bias_opt) : at::Tensor();
   const int64_t N = weight.size(0), K = weight.size(1), M = rows_of(input);
   const at::Tensor x2 = input.reshape({M, K});
   const auto st = input.scalar_type();
@@ -263,11 +265,12 @@ void dz_colsum(const in_t* __restrict g, const in_t* __restrict s, dz_t* __restr
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_output, const at::Tensor& saved,
-                                                       const at::Tensor& input, const at::Tensor& weight, double slope,
+                                                       const at::Tensor& input_, const at::Tensor& weight_, double slope,
                                                        std::array<bool, 3> mask) {
   GANKERN_NO_AUTOCAST();
-  check_bwd_args(grad_output, saved, input, weight, kBwd);
-  TORCH_CHECK(input.device().is_cpu(), kBwd, ": expected CPU tensors, got ", input.device());
+  check_bwd_args(grad_output, saved, input_, weight_, kBwd);
+  TORCH_CHECK(input_.device().is_cpu(), kBwd, ": expected CPU tensors, got ", input_.device());
+  const at::Tensor input = dense(input_), weight = dense_or_transposed(weight_);  // as in fwd_cpu
   const int64_t N = weight.size(0), K = weight.size(1), M = rows_of(input);
   const auto st = input.scalar_type();
   const bool half = !(st == at::kFloat || st == at::kDouble);
@@ -283,8 +286,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
   if (mask[2]) gb = new_empty({N}, weight.options());
   if (!(mask[0] || mask[1] || mask[2])) return {gx, gw, gb};
 
-  const at::Tensor g = grad_output.reshape({M, N}).contiguous();
-  const at::Tensor s = saved.reshape({M, N}).contiguous();
+  const at::Tensor g = dense(grad_output.reshape({M, N}));
+  const at::Tensor s = dense(saved.reshape({M, N}));
   // dZ in the input dtype (fp32 for half inputs on the "fp32" path: the GEMMs then run in fp32);
   // slope 1 (a plain Linear, not on the "fp32" half path): dZ is dY itself, no pass but the bias
   // column sums

@@ -10,6 +10,8 @@ be a Python float (GAN labels 1.0 / 0.0 / 0.9) so no label tensor is materialize
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .. import _backends, reference
@@ -52,6 +54,25 @@ def _check_args(input, target, target_scalar, weight, pos_weight, reduction):
                                f"shape {input.size()}")
 
 
+def _check_bwd_args(grad_out, input, target, target_scalar, weight, pos_weight, reduction, need_target):
+    """The C++ checks of the backward (csrc/bce.cpp: bce::check_bwd_args)."""
+    _check_args(input, target, target_scalar, weight, pos_weight, reduction)
+    if grad_out.device != input.device:
+        raise RuntimeError(f"bce_with_logits backward: grad_out must be on {input.device}, got {grad_out.device}")
+    if reduction == 0:
+        try:
+            ok = torch.broadcast_shapes(grad_out.shape, input.shape) == input.shape
+        except RuntimeError:
+            ok = False
+    else:
+        ok = grad_out.numel() == 1
+    if not ok:
+        raise RuntimeError(f"bce_with_logits backward: grad_out has shape {list(grad_out.shape)}, expected "
+                           f"{'the input' + chr(39) + 's shape' if reduction == 0 else 'a single element'}")
+    if need_target and target is None:
+        raise RuntimeError("bce_with_logits backward: need_target=True requires a target tensor")
+
+
 def _not_differentiable(weight, pos_weight):
     for name, w in (("weight", weight), ("pos_weight", pos_weight)):
         if w is not None and w.requires_grad:
@@ -83,10 +104,12 @@ def _register_cpp_fakes():
 
     @torch.library.register_fake("gankern::_bce_with_logits_fwd")
     def _fwd_fake(input, target, target_scalar, weight, pos_weight, reduction):
+        _check_args(input, target, target_scalar, weight, pos_weight, reduction)
         return input.new_empty(input.shape if reduction == 0 else ())
 
     @torch.library.register_fake("gankern::_bce_with_logits_bwd")
     def _bwd_fake(grad_out, input, target, target_scalar, weight, pos_weight, reduction, need_target):
+        _check_bwd_args(grad_out, input, target, target_scalar, weight, pos_weight, reduction, need_target)
         return input.new_empty(input.shape), input.new_empty(input.shape if need_target else (0,))
 
 
@@ -104,6 +127,7 @@ def _triton_fwd(input: torch.Tensor, target: torch.Tensor | None, target_scalar:
 
 @_triton_fwd.register_fake
 def _(input, target, target_scalar, weight, pos_weight, reduction):
+    _check_args(input, target, target_scalar, weight, pos_weight, reduction)
     return input.new_empty(input.shape if reduction == 0 else ())
 
 
@@ -112,11 +136,13 @@ def _triton_bwd(grad_out: torch.Tensor, input: torch.Tensor, target: torch.Tenso
                 weight: torch.Tensor | None, pos_weight: torch.Tensor | None, reduction: int,
                 need_target: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from ..triton import bce as k
+    _check_bwd_args(grad_out, input, target, target_scalar, weight, pos_weight, reduction, need_target)
     return k.backward(grad_out, input, target, target_scalar, weight, pos_weight, reduction, need_target)
 
 
 @_triton_bwd.register_fake
 def _(grad_out, input, target, target_scalar, weight, pos_weight, reduction, need_target):
+    _check_bwd_args(grad_out, input, target, target_scalar, weight, pos_weight, reduction, need_target)
     return input.new_empty(input.shape), input.new_empty(input.shape if need_target else (0,))
 
 
@@ -164,15 +190,20 @@ def bce_with_logits(input, target, weight=None, reduction="mean", pos_weight=Non
         raise TypeError(f"bce_with_logits: input must be a tensor, got {type(input).__name__}")
     if isinstance(target, torch.Tensor):
         tt, ts = target, 0.0
-    elif isinstance(target, (float, int)):
+    elif isinstance(target, numbers.Real):
         tt, ts = None, float(target)
     else:
         raise TypeError(f"bce_with_logits: target must be a tensor or a float, got {type(target).__name__}")
+    for name, w in (("weight", weight), ("pos_weight", pos_weight)):  # for every backend alike
+        if w is not None and not isinstance(w, torch.Tensor):
+            raise TypeError(f"bce_with_logits: {name} must be a tensor or None, got {type(w).__name__}")
     b = _backends.select(backend, input)
     if b == "cpp" or b == "cuda":
         if _cpp_op is None:
             _cpp_op = torch.ops.gankern.bce_with_logits.default
         return _cpp_op(input, tt, ts, weight, pos_weight, red)
+    # the C++ checks, same messages (one contract for every backend)
+    _check_args(input, tt, ts, weight, pos_weight, red)
     if b == "triton":
         if input.dtype == torch.float64:
             raise RuntimeError("bce_with_logits: backend 'triton' supports float32, float16 and bfloat16 inputs, "
@@ -180,4 +211,7 @@ def bce_with_logits(input, target, weight=None, reduction="mean", pos_weight=Non
         if torch.is_grad_enabled():
             _not_differentiable(weight, pos_weight)
         return _triton_fwd(input, tt, ts, weight, pos_weight, red)
+    if input.dtype == torch.float64:  # weights used in float64 for float64 inputs, as the kernels do
+        weight = weight.double() if weight is not None else None
+        pos_weight = pos_weight.double() if pos_weight is not None else None
     return reference.bce_with_logits(input, target, weight, reduction, pos_weight)

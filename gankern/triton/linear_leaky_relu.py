@@ -44,7 +44,7 @@ _DZ_BLOCK_M, _DZ_BLOCK_N = 64, 32
 
 @triton.jit
 def _gemm_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K,
-                 stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, slope,
+                 stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_bias, slope,
                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, ACC_F64: tl.constexpr,
                  INTERP_UPCAST: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -77,11 +77,14 @@ def _gemm_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K,
         if INTERP_UPCAST:  # Triton 3.9's interpreter computes bf16 tl.dot wrongly; exact in fp32
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if ACC_F64:  # out_dtype must name the accumulator's dtype (Triton >= 3.7 asserts it)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float64)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
         acc = acc + bias.to(acc.dtype)[None, :]
     if ACT:
         acc = tl.where(acc > 0, acc, acc * slope)
@@ -138,7 +141,7 @@ def _gemm(a, b, bias, c, slope, act):
         raise ValueError("gankern.linear_leaky_relu (triton backend): tensors with 2**31 or more elements are not "
                          "supported (32-bit offsets); use backend='cuda'")
     args = (a, b, bias if bias is not None else c, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            c.stride(0), c.stride(1), float(slope))
+            c.stride(0), c.stride(1), bias.stride(0) if bias is not None else 0, float(slope))
     const = dict(HAS_BIAS=bias is not None, ACT=act, PRECISION=_precision(a.dtype), ACC_F64=a.dtype == torch.float64,
                  INTERP_UPCAST=False)
     if _interpret() or a.device.type == "cpu":
@@ -198,7 +201,7 @@ def aot_specs():
     from ._aot import AotSpec, configs_of
     specs = []
     ints = {k: "i32" for k in ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm",
-                                "stride_cn")}
+                                "stride_cn", "stride_bias")}
     variants = [("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee")]
     for dt, prec in variants:
         fma = dt == "fp32" and prec == "ieee"

@@ -6,6 +6,7 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -14,6 +15,7 @@
 #include <limits>
 #include <mutex>
 #include <new>
+#include <string>
 #include <utility>
 #include <vector>
 #if defined(__linux__)
@@ -197,6 +199,59 @@ inline at::Tensor new_empty_like(const at::Tensor& t, at::MemoryFormat fmt = at:
     else return poisoned(at::empty_like(t));
   }
   return poisoned(alloc_empty(t.sizes(), t.options(), fmt));
+}
+
+// GEMM operands (MKL, oneDNN, cuBLAS) and flat kernels take dense row-major tensors with default
+// strides.  Any layout torch accepts (sliced with a step, expanded / zero strides, transposed, size-1
+// dims with odd strides, which is_contiguous() ignores but oneDNN reads) goes through here first:
+// a tensor already dense is returned as is (no copy), a contiguous one with odd size-1 strides is
+// re-viewed with default strides, anything else is copied.
+inline bool has_default_strides(const at::Tensor& t) {
+  int64_t expect = 1;
+  for (int64_t d = t.dim() - 1; d >= 0; --d) {
+    if (t.stride(d) != expect) return false;
+    expect *= std::max<int64_t>(t.size(d), 1);
+  }
+  return true;
+}
+inline at::Tensor dense(const at::Tensor& t) {
+  if (!t.defined() || has_default_strides(t)) return t;
+  if (!t.is_contiguous()) return t.contiguous();  // contiguous() gives default strides
+  std::vector<int64_t> st(t.dim());
+  int64_t expect = 1;
+  for (int64_t d = t.dim() - 1; d >= 0; --d) {
+    st[d] = expect;
+    expect *= std::max<int64_t>(t.size(d), 1);
+  }
+  return t.as_strided(t.sizes(), st, t.storage_offset());
+}
+// A 2-D GEMM operand that may also be the transpose of a dense matrix (no copy then: every GEMM
+// path takes either order); anything else as dense().
+inline at::Tensor dense_or_transposed(const at::Tensor& t) {
+  if (t.defined() && t.dim() == 2 && !has_default_strides(t) && t.size(0) > 1 && t.size(1) > 1 &&
+      t.stride(0) == 1 && t.stride(1) == t.size(0))
+    return t;
+  return dense(t);
+}
+
+// Dtype names as Python prints them ("torch.float32"), so that the C++ checks and their Python
+// twins (Triton backend, fake kernels) raise the very same messages.
+inline std::string py_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: return std::string("torch.") + c10::toString(t);
+  }
 }
 
 // Internal kernels compute in the dtypes they are given: ATen calls inside them (at::mm, ...)
