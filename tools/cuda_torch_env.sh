@@ -50,7 +50,7 @@ if ! "$py" -m pip install -v --disable-pip-version-check --no-build-isolation --
      -C build-dir="$bdir" -e . >"$blog" 2>&1; then
   tail -40 "$blog" >&2; say "build failed (log: $blog)"; exit 1
 fi
-grep -E "gankern: " "$blog" | sed 's/^ *-- */  /' >&2 || true
+grep -E -- "-- gankern: " "$blog" | sed 's/^ *-- */  /' >&2 || true
 "$py" -c "
 import gankern, gankern._C as C, sys
 if not C.with_cuda: sys.exit('gankern._C has no CUDA kernels: ' + C.cuda_skip_reason)
