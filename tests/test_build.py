@@ -35,7 +35,7 @@ def _kernel_ops():
 @needs_ext
 def test_every_op_family_has_cpu_kernels():
     ops = _kernel_ops()
-    for family in ("bce_with_logits", "batch_norm_relu", "linear_leaky_relu"):
+    for family in ("bce_with_logits", "batch_norm_relu", "linear_leaky_relu", "bias_leaky_relu"):
         assert f"gankern::_{family}_fwd" in ops and f"gankern::_{family}_bwd" in ops, ops
 
 

@@ -386,7 +386,9 @@ def test_convert_sync_batchnorm_round_trip_and_torch_state_dict():
 
 SEED, BATCH, STEPS = 3, 32, 60
 TRAIN_ARGS = ["--device", "cpu", "--batch-size", str(BATCH), "--seed", str(SEED), "--log-every", "1",
-              "--ckpt-every", "20", "--keep", "10", "--sample-every", "0", "--no-eval", "--quiet"]
+              "--ckpt-every", "20", "--keep", "10", "--sample-every", "0", "--no-eval", "--quiet",
+              # the plain recipe the single-process reference below runs (no label smoothing, EMA or lr decay)
+              "--real-label", "1.0", "--ema", "0", "--no-lr-decay"]
 
 
 def start_ranks(out, steps, *extra, world=2):
