@@ -468,7 +468,7 @@ def test_ddp_checkpoint_samples_and_evaluates_in_one_process(ddp_run, tmp_path):
     import numpy as np
     assert np.load(tmp_path / "s.npy").shape == (8, 64)
     # rank 0 alone wrote the run folder: one metrics line per step, no files from rank 1
-    assert sorted(os.listdir(ddp_run)) == sorted(["config.json", "metrics.jsonl", "final_metrics.json", "loss.png",
+    assert sorted(os.listdir(ddp_run)) == sorted([".lock", "config.json", "metrics.jsonl", "final_metrics.json", "loss.png",
                                                   "samples"] + [f"ckpt_{s:08d}.pt" for s in (20, 40, 60)])
 
 
