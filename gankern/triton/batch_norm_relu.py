@@ -326,7 +326,7 @@ def forward(input, running_mean, running_var, weight, bias, training, momentum, 
         pm2 = torch.empty((n_prog, C), dtype=torch.float64, device=dev)
         psum = torch.empty((n_prog, C), dtype=torch.float64, device=dev)
         _bnr_stats_partial[(n_cb, n_prog)](x, pmean, pm2, psum, C, S, R, sN, sC, sS, rpp,
-                                           BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+                                           BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=_STATS_NUM_WARPS)
     else:
         n_prog, rpp = 0, 1
         pmean = pm2 = psum = torch.empty((1,), dtype=torch.float64, device=dev)  # (unread; the AOT signature)
@@ -412,6 +412,9 @@ def _empty_like(x):
 # ----------------------------------------------------------------------------- AOT specs
 # The dx kernel holds dy, x and dx tiles at once: with 4 warps the 32x64 fp16 "rows" tile spills on sm_80.
 _DX_NUM_WARPS = 8
+# The statistics kernel keeps float64 partials of a 32x64 "rows" tile: with 4 warps it spills under Triton 3.6
+# (255 registers, ~200 B); 8 warps halve the tile per thread.
+_STATS_NUM_WARPS = 8
 
 
 def aot_specs():
@@ -425,7 +428,7 @@ def aot_specs():
             specs.append(AotSpec(
                 f"batch_norm_relu_stats_partial[{dt},{layout}]", _bnr_stats_partial,
                 {"x_ptr": f"*{dt}", "pmean_ptr": "*fp64", "pm2_ptr": "*fp64", "psum_ptr": "*fp64", **strides, "rows_per_prog": "i32", **cx},
-                blk))
+                blk, num_warps=_STATS_NUM_WARPS))
             specs.append(AotSpec(
                 f"batch_norm_relu_apply[{dt},{layout}]", _bnr_apply,
                 {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "scale_ptr": "*fp32", "shift_ptr": "*fp32", **strides,
