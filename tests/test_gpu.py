@@ -56,7 +56,8 @@ def test_linear_leaky_relu_vs_fp64(backend, dtype, shape):
 @pytest.mark.parametrize("shape,fmt", [((1000, 7), None), ((2, 127), None), ((16, 5, 3, 3), None),
                                        ((16, 5, 3, 3), torch.channels_last), ((3, 64, 8, 8), torch.channels_last)])
 @pytest.mark.parametrize("training", [True, False])
-def test_batch_norm_relu_vs_fp64(backend, dtype, shape, fmt, training):
+@pytest.mark.parametrize("slope", [0.0, 0.2])
+def test_batch_norm_relu_vs_fp64(backend, dtype, shape, fmt, training, slope):
     _need(backend)
     C = shape[1]
     x64 = torch.randn(*shape, device="cuda", dtype=torch.float64) * 3 + 1
@@ -70,9 +71,10 @@ def test_batch_norm_relu_vs_fp64(backend, dtype, shape, fmt, training):
     if fmt is not None:
         x = x.detach().contiguous(memory_format=fmt).requires_grad_(True)
     w, b = _leaf(w64, torch.float32), _leaf(b64, torch.float32)
-    y = gankern.batch_norm_relu(x, rm, rv, w, b, training=training, momentum=0.1, eps=1e-5, backend=backend)
+    y = gankern.batch_norm_leaky_relu(x, rm, rv, w, b, training=training, momentum=0.1, eps=1e-5,
+                                      negative_slope=slope, backend=backend)
     ref_in = [_leaf(t, torch.float64) for t in (x, w, b)]
-    y64 = F.relu(F.batch_norm(ref_in[0], rm64, rv64, ref_in[1], ref_in[2], training, 0.1, 1e-5))
+    y64 = F.leaky_relu(F.batch_norm(ref_in[0], rm64, rv64, ref_in[1], ref_in[2], training, 0.1, 1e-5), slope)
     assert y.dtype == dtype
     if fmt is not None:
         assert y.is_contiguous(memory_format=fmt)
@@ -83,6 +85,31 @@ def test_batch_norm_relu_vs_fp64(backend, dtype, shape, fmt, training):
     for a, e, name in zip(_grads(y, [x, w, b], g.to(dtype)), _grads(y64, ref_in, g), ("dx", "dw", "db")):
         assert_close(a, e, dtype if name == "dx" else torch.float32,
                      scale=4 * sqrt_scale(x.numel() // C), name=name)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("shape,fmt", [((0, 3, 4, 4), None), ((1, 1, 1, 1), None), ((7, 13, 5, 3), None),
+                                       ((4, 127, 8, 8), torch.channels_last), ((1000, 33), None)])
+@pytest.mark.parametrize("slope", [0.0, 0.2])
+def test_bias_leaky_relu_vs_fp64(backend, dtype, shape, fmt, slope):
+    _need(backend)
+    x64 = torch.randn(*shape, device="cuda", dtype=torch.float64)
+    if fmt is not None:
+        x64 = x64.contiguous(memory_format=fmt)
+    b64 = torch.randn(shape[1], device="cuda", dtype=torch.float64)
+    x = x64.to(dtype).requires_grad_(True)
+    b = b64.to(dtype).requires_grad_(True)
+    y = gankern.bias_leaky_relu(x, b, slope, backend=backend)
+    if fmt is not None:
+        assert y.is_contiguous(memory_format=fmt)
+    ref_in = [_leaf(t, torch.float64) for t in (x, b)]
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    y64 = F.leaky_relu(ref_in[0] + ref_in[1].view(view), slope)
+    assert_close(y, y64, dtype)
+    g = torch.randn_like(y64)
+    for a, e, name in zip(_grads(y, [x, b], g.to(dtype)), _grads(y64, ref_in, g), ("dx", "db")):
+        assert_close(a, e, dtype, scale=sqrt_scale(x.numel() // max(shape[1], 1)), name=name)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
