@@ -22,6 +22,14 @@ from .._backends import new_empty
 
 FWD_BLOCK = 1024
 NUM_WARPS = 4
+
+
+def _bwd_warps(f64, block_c, has_dx, has_db):
+    """Warps of the backward kernel, chosen by the sm_80 AOT check under Triton 3.6 / 3.7.1 / 3.9: at 4 warps the
+    fp32/fp16/bf16 tiles (g, y and dx at once) spill 4-8 B, and so do the fp64 ones with BLOCK_C=1 or with both
+    gradients; the other fp64 tiles spill 8-16 B at 8 warps."""
+    return 4 if f64 and block_c > 1 and not (has_dx and has_db) else 8
+
 TILE = 1024
 BLOCK_I_CHOICES = (1, 4, 16, 64, 256, 1024)
 TARGET_PROGRAMS = 512
@@ -144,7 +152,8 @@ def backward(grad_output, saved, slope, dim, output_mask):
     part = torch.empty((nr * gi, C), dtype=acc, device=dev) if nb else None
     hi, lo = _split_slope(slope)
     _bact_bwd[(gc, gi, nr)](g, y, dx if nx else y, part if nb else y, R, C, I, hi, lo, HAS_DX=nx, HAS_DB=nb,
-                           BLOCK_C=bc, BLOCK_I=bi, IS_F64=dt == torch.float64, num_warps=NUM_WARPS)
+                           BLOCK_C=bc, BLOCK_I=bi, IS_F64=dt == torch.float64,
+                           num_warps=_bwd_warps(dt == torch.float64, bc, nx, nb))
     gb = part.sum(0).to(dt) if nb else saved.new_empty((0,))
     return [gx, gb]
 
@@ -169,5 +178,5 @@ def aot_specs():
                      "C": "i32", "I": "i32", "s_hi": "fp32", "s_lo": "fp32", "HAS_DX": "constexpr",
                      "HAS_DB": "constexpr", "BLOCK_C": "constexpr", "BLOCK_I": "constexpr", "IS_F64": "constexpr"},
                     {"HAS_DX": has_dx, "HAS_DB": has_db, "BLOCK_C": bc, "BLOCK_I": bi, "IS_F64": f64},
-                    num_warps=NUM_WARPS))
+                    num_warps=_bwd_warps(f64, bc, has_dx, has_db)))
     return specs
