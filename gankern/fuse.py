@@ -268,7 +268,14 @@ def _unmake_linear(f):
 
 def _unmake_bn(f):
     cls = nn.BatchNorm1d if type(f).__name__.endswith("1d") else nn.BatchNorm2d
-    m = cls(f.num_features, **_bn_kwargs(f), bias=f.bias is not None)
+    if f.bias is not None:  # no bias= keyword: torch 2.11's BatchNorm has none
+        m = cls(f.num_features, **_bn_kwargs(f))
+    else:
+        try:
+            m = cls(f.num_features, **_bn_kwargs(f), bias=False)
+        except TypeError:  # torch 2.11: a BatchNorm without bias is one whose bias Parameter is None
+            m = cls(f.num_features, **_bn_kwargs(f))
+            m.register_parameter("bias", None)
     _share_state(f, m)
     return m
 
