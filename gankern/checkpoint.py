@@ -149,16 +149,16 @@ def _os_error(e):
     return None
 
 
-def save_atomic(obj, path):
-    """``torch.save`` to a temp file in the same folder, fsync, ``os.replace``, fsync the folder.
+def _write_atomic(path, mode, write):
+    """``write(f)`` into a temp file in the same folder, fsync, ``os.replace``, fsync the folder.
 
     A crash at any point leaves the old file (or none) or the complete new one; on an error the temp file is
     removed and a ``RunFolderError`` says why (full disk, not writable, ...).
     """
     tmp = temp_path(path)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -167,6 +167,7 @@ def save_atomic(obj, path):
             os.remove(tmp)
         except OSError:
             pass
+        # torch's zip writer turns the write's OSError into a RuntimeError: follow the chain back to it
         ose = _os_error(e) if isinstance(e, Exception) else None
         if ose is not None:
             raise _write_error(path, ose) from e
@@ -174,23 +175,14 @@ def save_atomic(obj, path):
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+def save_atomic(obj, path):
+    """``torch.save`` ``obj`` to ``path`` atomically (see ``_write_atomic``)."""
+    _write_atomic(path, "wb", lambda f: torch.save(obj, f))
+
+
 def write_text_atomic(path, text):
-    """Write a small text file atomically (temp file + rename), for config.json, final_metrics.json, metrics.jsonl."""
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise _write_error(path, e) from e
-        raise
+    """Write a small text file atomically, for config.json, final_metrics.json, metrics.jsonl."""
+    _write_atomic(path, "w", lambda f: f.write(text))
 
 
 def save_checkpoint(obj: dict, path):
