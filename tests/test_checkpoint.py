@@ -11,6 +11,8 @@ import warnings
 import pytest
 import torch
 
+from tolerances import assert_same as _assert_same
+
 from gankern import checkpoint as C
 from gankern.checkpoint import (CheckpointError, CheckpointWarning, RunFolder, RunFolderError, RunLockedError,
                                 load_checkpoint, payload_checksum, save_atomic, save_checkpoint)
@@ -249,21 +251,6 @@ def test_train_start_cleans_temp_files(tmp_path):
     (out / f".ckpt_00000008.pt.tmp-{dead.pid}").write_bytes(b"\0" * 1000)
     train(cfg(out, steps=6, resume=True))
     assert not [n for n in os.listdir(out) if ".tmp-" in n]
-
-
-def _assert_same(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def test_kill_during_saves_then_resume_bit_exact(tmp_path):

@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+from tolerances import assert_same as _assert_same
+
 from gankern import train as T
 from gankern.train import CheckpointError, TrainConfig, list_checkpoints, load_checkpoint, save_atomic, train
 
@@ -36,21 +38,6 @@ def test_short_run(tmp_path, model):
 def _state(path):
     ck = load_checkpoint(path)
     return ck
-
-
-def _assert_same(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def test_exact_resume(tmp_path):

@@ -33,3 +33,19 @@ def assert_close(actual, expected64, dtype=None, scale=1.0, name="output"):
 
 def sqrt_scale(n):
     return max(1.0, math.sqrt(n) / 4)
+
+
+def assert_same(a, b, where=""):
+    """Bit-exact equality of nested state (tensors: same dtype and bits; dicts, lists, plain values): resume tests."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
