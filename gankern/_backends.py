@@ -141,15 +141,17 @@ def _resolve_uncached(backend: str, device_type: str) -> str:
 
 def select(backend: str | None, tensor: torch.Tensor) -> str:
     """The backend a call runs on: cheap (cached per (request, device type))."""
-    if backend is None:
-        backend = _DEFAULT
-    key = (backend, tensor.device.type)
-    try:
-        return _resolved[key]
-    except KeyError:
-        pass
-    got = _resolve_uncached(backend, tensor.device.type)
-    _resolved[key] = got
+    return _resolve(_DEFAULT if backend is None else backend, tensor.device.type)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device_type: str) -> str:
+    # Under torch.compile dynamo runs this in Python at trace time and puts the answer in the graph as a
+    # constant: a cold cache must not be traced (it imports and inspects packages, which dynamo refuses).
+    key = (backend, device_type)
+    got = _resolved.get(key)
+    if got is None:
+        got = _resolved[key] = _resolve_uncached(backend, device_type)
     return got
 
 
