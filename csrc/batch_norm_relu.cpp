@@ -16,14 +16,6 @@
 
 namespace gankern {
 
-static std::string sizes_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << "torch.Size([";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << "])";
-  return o.str();
-}
-
 // Validates the arguments of batch_norm_relu (every backend kernel calls it first).
 void bnr_check_args(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
                     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,

@@ -23,14 +23,6 @@
 namespace gankern {
 namespace bce {
 
-static std::string sizes_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << "torch.Size([";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << "])";
-  return o.str();
-}
-
 void check_args(const at::Tensor& input, const std::optional<at::Tensor>& target, double target_scalar,
                 const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
                 int64_t reduction) {

@@ -236,6 +236,21 @@ inline at::Tensor dense_or_transposed(const at::Tensor& t) {
 
 // Dtype names as Python prints them ("torch.float32"), so that the C++ checks and their Python
 // twins (Triton backend, fake kernels) raise the very same messages.
+// Optional tensors.  Schemas take `Tensor?` (std::optional<at::Tensor>); kernels and saved
+// variables use an undefined at::Tensor for "absent".  One spelling for the conversions:
+inline bool has_tensor(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+inline at::Tensor opt_tensor(const std::optional<at::Tensor>& t) { return has_tensor(t) ? *t : at::Tensor(); }
+inline std::optional<at::Tensor> to_optional(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// A shape as Python prints it, "torch.Size([2, 3])" (error messages match torch's).
+inline std::string sizes_str(at::IntArrayRef s) {
+  std::string o = "torch.Size([";
+  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
+  return o + "])";
+}
+
 inline std::string py_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return "torch.float32";
