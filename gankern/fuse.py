@@ -38,7 +38,9 @@ dtype are carried over, and an optimizer created before ``fuse`` keeps updating 
 Left as they are, each listed in the report with the reason and what would cover it: functional
 activations without ``trace=True``; modules with hooks or parametrizations (e.g. ``spectral_norm``);
 modules registered under several names; outputs also used elsewhere; a ``forward`` torch.fx cannot
-trace (data-dependent control flow); pairs with no rule (``Conv1d`` + ``LeakyReLU``, ...).
+trace (data-dependent control flow); pairs with no rule (``Conv1d`` + ``LeakyReLU``, ...); lazy modules not yet
+initialised (``nn.LazyLinear``, ``nn.LazyBatchNorm1d``, ``nn.LazyConv2d``, ...: their shapes come from the first
+forward, so run the model once on an example input, after which they are plain torch modules and fuse).
 
 Report
 ------
@@ -48,10 +50,12 @@ Report
 ``forward``) back, same Parameter objects, and sets ``model.gankern_unfuse_report``.
 
 The code: ``_plan`` looks at the unmodified model and returns ``Plan`` entries and ``Skipped`` ones;
-``_apply`` then performs the plans.
+``_apply`` then performs the plans.  Activation kinds and how a pair was found are enums (``ActKind``,
+``Via``); a traced child's single consumer is a ``_ToModule`` or ``_ToFunction``.
 """
 from __future__ import annotations
 
+import enum
 import types
 from dataclasses import dataclass, field
 from typing import Callable
@@ -60,11 +64,25 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from . import _backends
 from . import nn as gnn
 
-__all__ = ["fuse", "unfuse", "FuseReport", "FusedAway", "RULES", "Rule"]
+__all__ = ["fuse", "unfuse", "FuseReport", "FusedAway", "RULES", "Rule", "ActKind", "Via"]
+
+
+class ActKind(str, enum.Enum):
+    """The activations gankern fuses (the value is the torch module's name; a str, so ``rule.act == "ReLU"``)."""
+    LEAKY_RELU = "LeakyReLU"
+    RELU = "ReLU"
+
+
+class Via(str, enum.Enum):
+    """How a pair was found (``Fused.via`` holds the value)."""
+    SEQUENTIAL = "Sequential"             # adjacent children of an nn.Sequential
+    FX = "torch.fx"                       # a call_module followed by an activation module in a traced forward
+    FX_REWRITE = "torch.fx rewrite"       # followed by an activation function (trace=True rewrites forward)
 
 
 # ------------------------------------------------------------------ report types
@@ -73,7 +91,7 @@ class Fused:
     path: str          # where the fused module now is (the first module's path)
     kind: str          # the rule's kind, e.g. "Linear+LeakyReLU", "Conv2d+ReLU"
     activation: str    # path of the activation (now a FusedAway), or the function and the forward it was in
-    via: str           # "Sequential", "torch.fx" or "torch.fx rewrite" (trace=True)
+    via: str           # a Via's value: "Sequential", "torch.fx" or "torch.fx rewrite" (trace=True)
 
 
 @dataclass
@@ -129,17 +147,17 @@ class FusedAway(nn.Identity):
 # ------------------------------------------------------------------ activations
 @dataclass(frozen=True)
 class Act:
-    """An activation applied to a module's output: kind "LeakyReLU" / "ReLU", its slope, how it is written."""
-    kind: str
+    """An activation applied to a module's output: its kind, its slope, how it is written."""
+    kind: ActKind
     slope: float
     desc: str
 
 
 def _module_act(m) -> Act | None:
     if type(m) is nn.LeakyReLU:
-        return Act("LeakyReLU", float(m.negative_slope), "LeakyReLU")
+        return Act(ActKind.LEAKY_RELU, float(m.negative_slope), "LeakyReLU")
     if type(m) is nn.ReLU:
-        return Act("ReLU", 0.0, "ReLU")
+        return Act(ActKind.RELU, 0.0, "ReLU")
     return None
 
 
@@ -154,14 +172,14 @@ def _node_act(node) -> Act | None:
     if any(isinstance(v, torch.fx.Node) for v in extra):
         return None
     if node.op == "call_function" and node.target in _F_RELU:
-        return Act("ReLU", 0.0, _F_RELU[node.target])
+        return Act(ActKind.RELU, 0.0, _F_RELU[node.target])
     if node.op == "call_function" and node.target in _F_LEAKY:
         slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
         if isinstance(slope, bool) or not isinstance(slope, (int, float)):
             return None
-        return Act("LeakyReLU", float(slope), _F_LEAKY[node.target])
+        return Act(ActKind.LEAKY_RELU, float(slope), _F_LEAKY[node.target])
     if node.op == "call_method" and node.target in _M_RELU and len(node.args) == 1 and not node.kwargs:
-        return Act("ReLU", 0.0, f".{node.target}()")
+        return Act(ActKind.RELU, 0.0, f".{node.target}()")
     return None
 
 
@@ -206,31 +224,30 @@ def _build_conv(a, slope, backend):
     return cls.from_conv(a, slope, backend)
 
 
-def _check_lazy(a) -> str | None:
-    w = getattr(a, "weight", None)
-    return "uninitialized (lazy) module" if isinstance(w, nn.parameter.UninitializedParameter) else None
+def _check_none(a) -> str | None:
+    return None
 
 
 def _check_conv(a) -> str | None:
     if a.padding_mode != "zeros":
         return (f"padding_mode={a.padding_mode!r}: the fused conv supports 'zeros' only "
                 "(gankern.bias_leaky_relu could still follow an explicit F.pad)")
-    return _check_lazy(a)
+    return None
 
 
 @dataclass(frozen=True)
 class Rule:
     """``first`` directly followed by an activation of kind ``act`` becomes ``gankern.nn.<fused>``."""
     first: type
-    act: str                                  # "LeakyReLU" or "ReLU"
+    act: ActKind
     fused: str                                # class name in gankern.nn
     op: str                                   # the functional op it runs
     build: Callable                           # (first module, slope, backend) -> fused module sharing its tensors
-    check: Callable = _check_lazy             # first module -> reason it cannot be fused, or None
+    check: Callable = _check_none             # first module -> reason it cannot be fused, or None
 
     @property
     def kind(self) -> str:
-        return f"{self.first.__name__}+{self.act}"
+        return f"{self.first.__name__}+{self.act.value}"
 
     def unavailable(self) -> str | None:
         if hasattr(gnn, self.fused):
@@ -239,24 +256,45 @@ class Rule:
                 "a gankern with it fuses this pair")
 
 
+_LEAKY, _RELU = ActKind.LEAKY_RELU, ActKind.RELU
 RULES = tuple(
-    [Rule(nn.Linear, act, "LinearLeakyReLU", "linear_leaky_relu", _build_linear) for act in ("LeakyReLU", "ReLU")]
-    + [Rule(bn, "ReLU", f"BatchNormReLU{bn.__name__[-2:]}", "batch_norm_relu", _build_bn_relu)
+    [Rule(nn.Linear, act, "LinearLeakyReLU", "linear_leaky_relu", _build_linear) for act in (_LEAKY, _RELU)]
+    + [Rule(bn, _RELU, f"BatchNormReLU{bn.__name__[-2:]}", "batch_norm_relu", _build_bn_relu)
        for bn in (nn.BatchNorm1d, nn.BatchNorm2d)]
-    + [Rule(bn, "LeakyReLU", f"BatchNormLeakyReLU{bn.__name__[-2:]}", "batch_norm_leaky_relu", _build_bn_leaky)
+    + [Rule(bn, _LEAKY, f"BatchNormLeakyReLU{bn.__name__[-2:]}", "batch_norm_leaky_relu", _build_bn_leaky)
        for bn in (nn.BatchNorm1d, nn.BatchNorm2d)]
     + [Rule(conv, act, f"{conv.__name__}LeakyReLU", "bias_leaky_relu", _build_conv, _check_conv)
-       for conv in (nn.Conv2d, nn.ConvTranspose2d) for act in ("LeakyReLU", "ReLU")])
+       for conv in (nn.Conv2d, nn.ConvTranspose2d) for act in (_LEAKY, _RELU)])
 _RULE = {(r.first, r.act): r for r in RULES}
 _FIRSTS = {r.first for r in RULES}
 # first modules whose pairs with an activation the report counts (fused or not)
 _FAMILY = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
+def _rule_type(a: nn.Module) -> type:
+    """The type the rule table knows ``a`` by: a lazy module (``nn.LazyLinear``, ...) not yet initialised is
+    still its own class; it becomes ``cls_to_become`` (``nn.Linear``, ...) in its first forward."""
+    if isinstance(a, LazyModuleMixin) and a.cls_to_become is not None:
+        return a.cls_to_become
+    return type(a)
+
+
+def _has_rules(m: nn.Module) -> bool:
+    return _rule_type(m) in _FIRSTS
+
+
+def _lazy_reason(a: nn.Module, rule: Rule) -> str | None:
+    if not isinstance(a, LazyModuleMixin):
+        return None
+    return (f"{type(a).__name__} is not initialised yet (a lazy module learns its shapes in its first forward); "
+            f"run the model once on an example input, then gankern.fuse fuses it into "
+            f"gankern.nn.{rule.fused}")
+
+
 def _no_rule(a, act: Act) -> str:
-    have = sorted(r.kind for r in RULES if r.first is type(a))
+    have = sorted(r.kind for r in RULES if r.first is _rule_type(a))
     also = f" (it fuses {', '.join(have)})" if have else ""
-    return f"gankern has no fused {type(a).__name__}+{act.kind}{also}; no flag covers it"
+    return f"gankern has no fused {type(a).__name__}+{act.kind.value}{also}; no flag covers it"
 
 
 # ------------------------------------------------------------------ unfuse table: fused module -> torch module
@@ -329,7 +367,7 @@ class Plan:
     a_name: str
     rule: Rule
     act: Act
-    via: str                      # "Sequential", "torch.fx", "torch.fx rewrite"
+    via: Via
     b_name: str | None = None     # the activation module's name (None: a function in forward)
 
 
@@ -346,10 +384,10 @@ class _Ctx:
 
 def _pair_check(ctx: _Ctx, a: nn.Module, act: Act, b: nn.Module | None) -> tuple[Rule | None, str | None]:
     """(rule, None) if a followed by act can be fused, else (None, why not and what would cover it)."""
-    rule = _RULE.get((type(a), act.kind))
+    rule = _RULE.get((_rule_type(a), act.kind))
     if rule is None:
         return None, _no_rule(a, act)
-    why = rule.unavailable() or rule.check(a)
+    why = rule.unavailable() or _lazy_reason(a, rule) or rule.check(a)
     if why is not None:
         return None, why
     for m in (a, b):
@@ -374,7 +412,7 @@ def _plan_sequential(ctx: _Ctx, seq: nn.Sequential, spath: str) -> None:
         act = _module_act(b) if b is not None else None
         i += 1
         if act is None:
-            if type(a) in _FIRSTS and not isinstance(b, FusedAway):
+            if _has_rules(a) and not isinstance(b, FusedAway):
                 _skip(ctx, _join(spath, keys[i - 1]), a, None, "no activation follows it" if b is None else
                       f"followed by {_tname(b)}, not an activation gankern fuses (LeakyReLU / ReLU)")
             continue
@@ -384,7 +422,7 @@ def _plan_sequential(ctx: _Ctx, seq: nn.Sequential, spath: str) -> None:
         if why is not None:
             _skip(ctx, _join(spath, keys[i - 1]), a, _tname(b), why)
             continue
-        ctx.plans.append(Plan(seq, spath, keys[i - 1], rule, act, "Sequential", keys[i]))
+        ctx.plans.append(Plan(seq, spath, keys[i - 1], rule, act, Via.SEQUENTIAL, keys[i]))
         i += 1
 
 
@@ -408,10 +446,22 @@ def _trace_both_modes(owner: nn.Module):
     return graphs
 
 
+@dataclass(frozen=True)
+class _ToModule:
+    """A child's output goes only to the child module ``name``."""
+    name: str
+
+
+@dataclass(frozen=True)
+class _ToFunction:
+    """A child's output goes only to an activation function or method call."""
+    act: Act
+
+
 @dataclass
 class _GraphInfo:
     """What one traced graph says about each child (by name)."""
-    follow: dict = field(default_factory=dict)      # a_name -> set of ("module", b_name) / ("function", Act)
+    follow: dict = field(default_factory=dict)      # a_name -> set of _ToModule / _ToFunction
     bad: dict = field(default_factory=dict)         # a_name -> reason
     act_inputs: dict = field(default_factory=dict)  # activation module name -> names of the modules feeding it
     attr_read: set = field(default_factory=set)     # activation modules whose attributes forward reads
@@ -431,7 +481,7 @@ def _note_module_call(info: _GraphInfo, owner: nn.Module, node) -> None:
         src = node.args[0] if node.args else None
         ok = src is not None and getattr(src, "op", None) == "call_module" and len(node.args) == 1 and not node.kwargs
         info.act_inputs.setdefault(name, set()).add(src.target if ok else None)
-    if not isinstance(sub, _FAMILY) and type(sub) not in _FIRSTS:
+    if not isinstance(sub, _FAMILY) and not _has_rules(sub):
         return
     users = list(node.users)
     if len(users) != 1:
@@ -440,9 +490,9 @@ def _note_module_call(info: _GraphInfo, owner: nn.Module, node) -> None:
     u = users[0]
     fn_act = _node_act(u) if u.op in ("call_function", "call_method") else None
     if u.op == "call_module" and "." not in u.target and u.target in owner._modules:
-        info.follow.setdefault(name, set()).add(("module", u.target))
+        info.follow.setdefault(name, set()).add(_ToModule(u.target))
     elif fn_act is not None and u.args and u.args[0] is node:
-        info.follow.setdefault(name, set()).add(("function", fn_act))
+        info.follow.setdefault(name, set()).add(_ToFunction(fn_act))
     else:
         info.bad[name] = f"followed by {_user_desc(u)}"
 
@@ -469,13 +519,13 @@ def _graph_info(ctx: _Ctx, owner: nn.Module, graph) -> _GraphInfo:
 
 def _plan_owner(ctx: _Ctx, owner: nn.Module, opath: str) -> None:
     """Trace owner.forward (train and eval mode) and plan its module -> activation pairs."""
-    candidates = [n for n, c in owner._modules.items() if type(c) in _FIRSTS or isinstance(c, _FAMILY)]
+    candidates = [n for n, c in owner._modules.items() if _has_rules(c) or isinstance(c, _FAMILY)]
     try:
         graphs = _trace_both_modes(owner)
     except Exception as e:  # noqa: BLE001 -- any tracing failure means: leave it alone
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         for n in candidates:
-            if type(owner._modules[n]) in _FIRSTS:
+            if _has_rules(owner._modules[n]):
                 _skip(ctx, _join(opath, n), owner._modules[n], None,
                       f"torch.fx cannot trace {_tname(owner)}.forward ({type(e).__name__}: {msg[:160]}); left untouched")
         return
@@ -491,7 +541,7 @@ def _plan_candidate(ctx: _Ctx, owner, opath, a_name, infos, same_graph) -> None:
     a, path = owner._modules[a_name], _join(opath, a_name)
     for info, mode in zip(infos, ("train", "eval")):
         if a_name in info.bad:
-            if type(a) in _FIRSTS:
+            if _has_rules(a):
                 _skip(ctx, path, a, None, f"{info.bad[a_name]} (in {mode} mode)")
             return
     follows = [frozenset(info.follow.get(a_name, ())) for info in infos]
@@ -503,18 +553,18 @@ def _plan_candidate(ctx: _Ctx, owner, opath, a_name, infos, same_graph) -> None:
     if follows[0] != follows[1]:
         _skip(ctx, path, a, "activation", "train and eval mode forwards differ after it")
         return
-    how, what = next(iter(follows[0]))
-    if how == "module":
-        _plan_module_follower(ctx, owner, opath, a_name, what, infos)
+    (follower,) = follows[0]
+    if isinstance(follower, _ToModule):
+        _plan_module_follower(ctx, owner, opath, a_name, follower.name, infos)
     else:
-        _plan_function_follower(ctx, owner, opath, a_name, what, same_graph)
+        _plan_function_follower(ctx, owner, opath, a_name, follower.act, same_graph)
 
 
 def _plan_module_follower(ctx, owner, opath, a_name, b_name, infos) -> None:
     a, b, path = owner._modules[a_name], owner._modules[b_name], _join(opath, a_name)
     act = _module_act(b)
     if act is None:
-        if type(a) in _FIRSTS:
+        if _has_rules(a):
             _skip(ctx, path, a, None, f"followed by {_tname(b)}, not an activation gankern fuses (LeakyReLU / ReLU)")
         return
     rule, why = _pair_check(ctx, a, act, b)
@@ -525,7 +575,7 @@ def _plan_module_follower(ctx, owner, opath, a_name, b_name, infos) -> None:
     if why is not None:
         _skip(ctx, path, a, _tname(b), why)
         return
-    ctx.plans.append(Plan(owner, opath, a_name, rule, act, "torch.fx", b_name))
+    ctx.plans.append(Plan(owner, opath, a_name, rule, act, Via.FX, b_name))
 
 
 def _plan_function_follower(ctx, owner, opath, a_name, act: Act, same_graph: bool) -> None:
@@ -540,7 +590,7 @@ def _plan_function_follower(ctx, owner, opath, a_name, act: Act, same_graph: boo
     if why is not None:
         _skip(ctx, path, a, act.desc, why)
         return
-    ctx.plans.append(Plan(owner, opath, a_name, rule, act, "torch.fx rewrite"))
+    ctx.plans.append(Plan(owner, opath, a_name, rule, act, Via.FX_REWRITE))
 
 
 def _drop_shared_calls(ctx: _Ctx) -> None:
@@ -605,7 +655,7 @@ def _apply(ctx: _Ctx, backend) -> FuseReport:
         else:
             rewrites.setdefault(id(p.parent), (p.parent, []))[1].append(p.a_name)
             act = f"{p.act.desc} in {_tname(p.parent)}.forward"
-        report.fused.append(Fused(_join(p.ppath, p.a_name), p.rule.kind, act, p.via))
+        report.fused.append(Fused(_join(p.ppath, p.a_name), p.rule.kind, act, p.via.value))
     for owner, names in rewrites.values():
         _rewrite_forward(owner, ctx.graphs[id(owner)], names)
     report.fused.sort(key=lambda f: f.path)

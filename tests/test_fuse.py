@@ -617,3 +617,45 @@ def test_trace_needs_one_graph_for_both_modes():
     assert m.gankern_fuse_report.fused == [] and "forward" not in m.__dict__
     reasons = {s.path: s.reason for s in m.gankern_fuse_report.skipped}
     assert "train and eval mode" in reasons["fc"]
+
+
+# ------------------------------------------------------------ lazy modules (nn.LazyLinear, ...)
+class LazyFx(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.out = nn.LazyLinear(6), nn.LeakyReLU(0.2), nn.LazyLinear(2)
+
+    def forward(self, x):
+        return F.relu(self.out(self.act(self.fc(x))))
+
+
+def _lazy_models():
+    seq = nn.Sequential(nn.LazyLinear(8), nn.LeakyReLU(0.2), nn.LazyBatchNorm1d(), nn.ReLU(), nn.Linear(8, 4))
+    conv = nn.Sequential(nn.LazyConv2d(4, 3, padding=1), nn.ReLU(), nn.LazyConvTranspose2d(2, 4, 2, 1))
+    return [(seq, torch.randn(5, 3)), (conv, torch.randn(2, 3, 6, 6)), (LazyFx(), torch.randn(4, 3))]
+
+
+def test_lazy_modules_reported_until_initialised_then_fused():
+    expect = [({"0": ("LazyLinear -> LeakyReLU", "LinearLeakyReLU"), "2": ("LazyBatchNorm1d -> ReLU", "BatchNormReLU1d")},
+               {"Linear+LeakyReLU": 1, "BatchNorm1d+ReLU": 1}),
+              ({"0": ("LazyConv2d -> ReLU", "Conv2dLeakyReLU")}, {"Conv2d+ReLU": 1}),
+              ({"fc": ("LazyLinear -> LeakyReLU", "LinearLeakyReLU"), "out": ("LazyLinear -> F.relu", "LinearLeakyReLU")},
+               {"Linear+LeakyReLU": 1, "Linear+ReLU": 1})]
+    for (model, x), (left, counts) in zip(_lazy_models(), expect):
+        lazy_types = [type(m) for m in model.modules()]
+        gankern.fuse(model, trace=True)
+        rep = model.gankern_fuse_report
+        assert rep.fused == [] and rep.fraction() == 0.0, str(rep)
+        assert [type(m) for m in model.modules()] == lazy_types   # nothing was touched
+        skipped = {s.path: s for s in rep.skipped}
+        for path, (what, fused) in left.items():
+            s = skipped[path]
+            assert s.what == what and s.pair, str(rep)
+            assert "not initialised yet" in s.reason and "run the model once" in s.reason, s.reason
+            assert f"gankern.nn.{fused}" in s.reason and s.what.split()[0] in s.reason, s.reason
+        model.eval()
+        model(x)   # initialises the lazy modules: they become nn.Linear / nn.BatchNorm1d / nn.Conv2d ...
+        plain = copy.deepcopy(model)
+        gankern.fuse(model, trace=True)
+        assert model.gankern_fuse_report.counts() == counts, str(model.gankern_fuse_report)
+        assert_close(model(x), plain(x).double(), torch.float32, name=type(model).__name__)
