@@ -188,19 +188,14 @@ class _BatchNormAct(_NormBase):
         if bn_training:  # torch's F.batch_norm check: ValueError for a single value per channel
             _verify_batch_size(input.size())
 
-        # Mixed precision (autocast's reduced-precision activations, float32 module): like nn.BatchNorm,
-        # statistics and normalisation in the parameters' float32, output in the input's dtype.
-        ref = self.weight if self.weight is not None else self.running_mean
-        low = ref is not None and input.dtype in _LOW and ref.dtype == torch.float32
-        x = input.float() if low else input
+        # Mixed precision (autocast's reduced-precision activations, float32 module): the op takes the
+        # fp16/bf16 input with the float32 parameters and running stats as they are and, like nn.BatchNorm,
+        # computes statistics and normalisation in float32 and returns the input's dtype.
         if self.negative_slope == 0.0:
-            out = _batch_norm_relu(x, running_mean, running_var, self.weight, self.bias, bn_training,
-                                   exponential_average_factor, self.eps, backend=self.backend)
-        else:
-            out = _batch_norm_leaky_relu(x, running_mean, running_var, self.weight, self.bias, bn_training,
-                                         exponential_average_factor, self.eps, self.negative_slope,
-                                         backend=self.backend)
-        return out.to(input.dtype) if low else out
+            return _batch_norm_relu(input, running_mean, running_var, self.weight, self.bias, bn_training,
+                                    exponential_average_factor, self.eps, backend=self.backend)
+        return _batch_norm_leaky_relu(input, running_mean, running_var, self.weight, self.bias, bn_training,
+                                      exponential_average_factor, self.eps, self.negative_slope, backend=self.backend)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -380,15 +375,15 @@ class SyncBatchNormReLU(_BatchNormReLU):
             _verify_batch_size(input.size())
         slope = float(self.negative_slope)
 
+        if not sync:  # the op itself: reduced-precision input with float32 parameters as is (see _BatchNormAct)
+            return local_batch_norm_act(input, running_mean, running_var, self.weight, self.bias, bn_training, factor,
+                                        self.eps, slope, self.backend)
+        # The synchronized path (gankern.distributed) normalises in the input's dtype: run it in the float32 of
+        # the parameters for a reduced-precision input, output in the input's dtype.
         ref = self.weight if self.weight is not None else self.running_mean
         low = ref is not None and input.dtype in _LOW and ref.dtype == torch.float32
-        x = input.float() if low else input
-        if sync:
-            out = sync_batch_norm_act(x, running_mean, running_var, self.weight, self.bias, factor, self.eps, slope,
-                                      self.process_group, self.backend)
-        else:
-            out = local_batch_norm_act(x, running_mean, running_var, self.weight, self.bias, bn_training, factor,
-                                       self.eps, slope, self.backend)
+        out = sync_batch_norm_act(input.float() if low else input, running_mean, running_var, self.weight, self.bias,
+                                  factor, self.eps, slope, self.process_group, self.backend)
         return out.to(input.dtype) if low else out
 
 

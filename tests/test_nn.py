@@ -243,6 +243,43 @@ def test_batch_norm_relu_matches_torch(backend, dtype, cfg):
             assert m.running_mean is None and m.num_batches_tracked is None
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("slope", [0.0, 0.2])
+def test_batch_norm_act_reduced_input_float32_module(backend, dtype, slope):
+    """autocast's case: fp16/bf16 activations into a float32 BatchNorm module.  The op takes them as they are
+    (no float32 copy of the input, no cast back): output and input gradient in the input's dtype, parameter
+    gradients and running stats float32, as torch's nn.BatchNorm2d gives; all against float64 torch."""
+    C, shape = 6, (8, 6, 5, 3)
+    m = gnn.BatchNormReLU2d(C, backend=backend) if slope == 0.0 else \
+        gnn.BatchNormLeakyReLU2d(C, negative_slope=slope, backend=backend)
+    ref = nn.BatchNorm2d(C, dtype=torch.float64)
+    with torch.no_grad():
+        m.weight.copy_(torch.rand(C) + 0.5)
+        m.bias.copy_(torch.randn(C))
+    ref.load_state_dict(m.state_dict())
+    s = sqrt_scale(torch.Size(shape).numel() // C)
+    for training in (True, False):
+        m.train(training), ref.train(training)
+        x = (torch.randn(shape) * 2 + 0.5).to(dtype).requires_grad_(True)
+        x64 = _leaf(x.double())
+        y, z64 = m(x), ref(x64)
+        tb = nn.BatchNorm2d(C)(x.detach())   # torch's own mixed-precision BatchNorm: the dtype to give
+        assert y.dtype == tb.dtype == dtype and "ToCopy" not in y.grad_fn.name(), y.grad_fn.name()
+        assert_close(y, F.leaky_relu(z64, slope), dtype, scale=s, name=f"output (training={training})")
+        g = torch.randn_like(y)
+        y.backward(g)
+        (z64 * _act_factor(y, slope)).backward(g.double())
+        assert x.grad.dtype == dtype and m.weight.grad.dtype == m.bias.grad.dtype == torch.float32
+        assert_close(x.grad, x64.grad, dtype, scale=s, name="grad_input")
+        assert_close(m.weight.grad, ref.weight.grad, dtype, scale=s * 4, name="grad_weight")
+        assert_close(m.bias.grad, ref.bias.grad, dtype, scale=s * 4, name="grad_bias")
+        m.weight.grad = m.bias.grad = ref.weight.grad = ref.bias.grad = None
+        assert m.running_mean.dtype == m.running_var.dtype == torch.float32
+        assert_close(m.running_mean, ref.running_mean, dtype, scale=s, name="running_mean")
+        assert_close(m.running_var, ref.running_var, dtype, scale=s, name="running_var")
+
+
 def test_batch_norm_relu_module_api():
     for cls, tcls in ((gnn.BatchNormReLU1d, nn.BatchNorm1d), (gnn.BatchNormReLU2d, nn.BatchNorm2d)):
         kws = [dict(), dict(momentum=None), dict(affine=False), dict(track_running_stats=False)]
