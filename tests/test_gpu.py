@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import gankern
+from conftest import GPU_BACKENDS
 from tolerances import assert_close, sqrt_scale
 
 pytestmark = pytest.mark.gpu
-GPU_BACKENDS = ["cuda", "triton"]
 LOW = [torch.float32, torch.float16, torch.bfloat16]
 
 

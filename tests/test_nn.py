@@ -11,7 +11,7 @@ from torch import nn
 
 import gankern
 import gankern.nn as gnn
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, HAS_EXT
 from tolerances import assert_close, sqrt_scale
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -412,7 +412,7 @@ def _models(backend):
 
 
 def test_autocast_bf16_cpu():
-    fused, plain = _models("reference" if "cpp" not in CPU_BACKENDS else "cpp")
+    fused, plain = _models("cpp" if HAS_EXT else "reference")
     x = torch.randn(9, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         h = fused[0](x)

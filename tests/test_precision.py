@@ -12,7 +12,7 @@ from gankern import cpu_features as cf
 from gankern import train as T
 from gankern.models import make_models
 from gankern.train import TrainConfig, WeightCasts, load_checkpoint, make_optimizers, make_train_step, train
-from test_linear_leaky_relu import check, needs_cpp
+from test_linear_leaky_relu import check
 from tolerances import assert_close, sqrt_scale
 
 HALF = (torch.bfloat16, torch.float16)
@@ -45,7 +45,7 @@ def _force(monkeypatch, dtype, path):
     assert cf.llr_gemm_path(dtype) == path
 
 
-@needs_cpp
+@pytest.mark.needs_ext
 @pytest.mark.parametrize("dtype,path", PATH_CASES, ids=[f"{str(d)[6:]}-{p}" for d, p in PATH_CASES])
 @pytest.mark.parametrize("in_shape,N,slope,bias,noncontig", SHAPES, ids=[f"{s}->{n}" for s, n, *_ in SHAPES])
 def test_half_paths_match_torch_fp64(monkeypatch, dtype, path, in_shape, N, slope, bias, noncontig):
@@ -53,7 +53,7 @@ def test_half_paths_match_torch_fp64(monkeypatch, dtype, path, in_shape, N, slop
     check("cpp", in_shape, N, dtype, slope, bias, noncontig)
 
 
-@needs_cpp
+@pytest.mark.needs_ext
 @pytest.mark.parametrize("path", ["fp32", "native"])
 @pytest.mark.parametrize("slope", [0.2, 0.0, 1.0])
 def test_half_paths_nan_inf_follow_torch(monkeypatch, path, slope):
@@ -71,7 +71,7 @@ def test_half_paths_nan_inf_follow_torch(monkeypatch, path, slope):
     assert torch.equal(torch.isinf(y), torch.isinf(ref)) and torch.equal(y[torch.isinf(y)], ref[torch.isinf(ref)].to(dtype))
 
 
-@needs_cpp
+@pytest.mark.needs_ext
 def test_path_override_and_probe(monkeypatch):
     monkeypatch.delenv("GANKERN_LLR_HALF_GEMM", raising=False)
     for dt in HALF:
@@ -86,7 +86,7 @@ def test_path_override_and_probe(monkeypatch):
     assert "bfloat16" in cf.describe()
 
 
-@needs_cpp
+@pytest.mark.needs_ext
 def test_path_override_bad_value_and_missing_units(monkeypatch):
     x, w = torch.randn(128, 512).bfloat16(), torch.randn(256, 512).bfloat16()
     monkeypatch.setenv("GANKERN_LLR_HALF_GEMM", "amx")

@@ -17,6 +17,19 @@ TOL = {
 }
 
 
+# Named pairs (``torch.testing.assert_close(a, b, **PAIR)`` / ``torch.allclose``) for the comparisons that are
+# not "one result vs float64"; each holds the values its tests have always used.
+# A fused model vs the plain torch model after the same optimizer step from the same start (both float32):
+STEP_FP32 = dict(rtol=1e-4, atol=1e-5)
+# torch.compile vs eager in float32: outputs, and parameter gradients (inductor may reorder reductions)
+COMPILED_FP32 = dict(rtol=1e-4, atol=1e-5)
+COMPILED_GRAD_FP32 = dict(rtol=1e-3, atol=1e-5)
+# a float32 BatchNorm+ReLU computed in a forked child vs float64 (torch.allclose: the child exits with the answer)
+FORK_CHILD_FP32 = dict(rtol=1e-5, atol=1e-4)
+# CUDA variants of float32 model tests: TF32 may be on for the GEMMs, so their scale is this many times the CPU one
+CUDA_TF32_WIDEN = 16
+
+
 def tol(dtype, scale=1.0):
     """Tolerances for ``dtype``; ``scale`` widens them for long reductions (e.g. sqrt(K))."""
     t = TOL[dtype]
