@@ -14,6 +14,8 @@ temp-file clean-up, metrics.jsonl.
 * ``RunFolder`` is one run's folder (``--out``).  ``RunFolder.lock()`` takes an exclusive
   ``fcntl.flock`` on ``<out>/.lock`` for the whole run, so a second trainer (fresh or ``--resume``)
   on the same folder is refused with ``RunLockedError`` instead of interleaving its writes.
+* ``checkpoint_payload`` assembles a run's checkpoint (the trainer's ``TrainStep.state_dict()`` plus settings
+  and RNG state); ``models_from_checkpoint`` rebuilds the models from one (``gankern sample`` / ``eval``).
 """
 from __future__ import annotations
 
@@ -510,3 +512,46 @@ def read_metrics(path):
                     except json.JSONDecodeError:
                         pass  # a line cut by a crash
     return rows
+
+
+# -------------------------------------------------------------------------------------------------
+# the payload of a training run, and models from it
+
+def checkpoint_payload(step, config, image_shape, train_state, rng):
+    """The checkpoint dict of a run at ``step``: format and versions, settings, ``train_state``
+    (``TrainStep.state_dict()``: models, optimizers, scaler, EMA) and ``rng`` (global RNG, sampler, ranks)."""
+    from .. import __version__
+    return {"format": CKPT_FORMAT, "format_version": CKPT_VERSION, "gankern_version": __version__,
+            "torch_version": str(torch.__version__), "step": step, "config": config,
+            "image_shape": list(image_shape), **train_state, "rng": rng}
+
+
+def models_from_checkpoint(ckpt, device="cpu", *, use_ema=True, backend=None):
+    """(generator, discriminator, image_shape, config) from a loaded checkpoint; the EMA generator if present."""
+    cfg = ckpt["config"]
+    shape = tuple(ckpt["image_shape"])
+    from .models import make_models, recalibrate_batch_norm
+    from .step import BN_RECAL_SEED
+    G, D = make_models(cfg["model"], shape, cfg["z_dim"], fused=True, backend=backend)
+    ema = use_ema and ckpt.get("G_ema") is not None
+    load_state(G, ckpt["G_ema"] if ema else ckpt["G"], "generator", ckpt, shape)
+    load_state(D, ckpt["D"], "discriminator", ckpt, shape)
+    G, D = G.to(device), D.to(device)
+    if ema and ckpt.get("G_ema_bn") != "recalibrated":  # older checkpoints: statistics copied from G
+        recalibrate_batch_norm(G, cfg["z_dim"], device, BN_RECAL_SEED)
+    return G, D, shape, cfg
+
+
+def load_state(module, state, what, ckpt, shape, path=None):
+    """``module.load_state_dict(state)`` with one clear ``CheckpointError`` when the weights do not fit."""
+    try:
+        return module.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))),
+                      lines[0] if lines else type(e).__name__)
+        cfg = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
+        where = f"{path}: " if path else "checkpoint: "
+        raise CheckpointError(f"{where}the {what} weights do not fit a {cfg.get('model')!r} model for "
+                              f"{shape[0]}x{shape[1]} images with z_dim {cfg.get('z_dim')} ({detail[:300].rstrip('.')}); was it "
+                              "written for another image size, model or z_dim?") from None

@@ -7,6 +7,7 @@ command line) or ``GANKERN_DEBUG=1`` prints the traceback as well.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -59,64 +60,42 @@ Examples:
 
 
 def _train_parser(sub):
-    from .trainer import DEFAULTS as d, DEMO, PRECISIONS
+    """``gankern train``: one option per TrainConfig field, its help and default from the field (the one place)."""
+    from .config import TrainConfig
     p = sub.add_parser("train", help="train a GAN", description=_TRAIN_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    def dflt(k, fmt=None):  # "(default: X[; --demo: Y])" from TrainConfig / DEMO: the one place defaults live
-        show = fmt or (lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
-        txt = f"default: {show(getattr(d, k))}"
-        if k in DEMO and DEMO[k] != getattr(d, k):
-            txt += f"; --demo: {show(DEMO[k])}"
-        return f"({txt})"
-    # Defaults are None so a --resume can tell what was given explicitly (TrainConfig fills them in).
-    a = p.add_argument
-    a("--model", choices=["mlp", "dcgan"], default=None, help=f"architecture {dflt('model')}")
-    a("--dataset", choices=["digits", "mnist", "fashion-mnist"], default=None,
-      help=f"digits = scikit-learn's bundled 8x8 digits; mnist / fashion-mnist are read from --data-dir {dflt('dataset')}")
-    a("--data-dir", default=None, help="folder with train-images-idx3-ubyte[.gz] + train-labels-idx1-ubyte[.gz] or an .npz")
-    a("--steps", type=_int, default=None, help=f"total number of training steps {dflt('steps')}")
-    a("--batch-size", type=_int, default=None, help=f"batch size {dflt('batch_size')}")
-    a("--lr", type=float, default=None, help=f"Adam learning rate {dflt('lr')}")
-    a("--lr-d", type=float, default=None, help="discriminator learning rate (default: --lr)")
-    a("--beta1", type=float, default=None, help=f"Adam beta1 {dflt('beta1')}")
-    a("--beta2", type=float, default=None, help=f"Adam beta2 {dflt('beta2')}")
-    a("--z-dim", type=_int, default=None, help=f"latent size {dflt('z_dim')}")
-    a("--seed", type=_int, default=None, help=f"random seed; same seed + same machine = same losses {dflt('seed')}")
-    a("--device", default=None, help=f"auto (CUDA when present), cpu, cuda, cuda:1 ... {dflt('device')}")
-    a("--backend", choices=["auto", "cpp", "cuda", "triton", "reference"], default=None,
-      help="gankern backend for the fused layers (default: auto)")
-    a("--precision", choices=list(PRECISIONS), default=None,
-      help="fp32, or mixed precision with fp32 master weights: bf16 (CPU with bf16 units, or CUDA), fp16 (CUDA only, "
-           f"with a gradient scaler) {dflt('precision')}")
-    a("--out", default=None, help=f"run folder, locked while this trainer runs {dflt('out')}")
-    a("--resume", action="store_true", default=None, help="continue the run in --out from its newest (checksum-verified) checkpoint; a run stopped before its "
-           "first checkpoint starts over")
-    a("--real-label", type=float, default=None,
-      help=f"target for real images; < 1 = one-sided label smoothing, 1 = off {dflt('real_label')}")
-    a("--ema", type=float, nargs="?", const=0.999, default=None,
-      help=f"exponential moving average of the generator (decay; 0 = off, 0.999 when given alone); samples/eval use "
-           f"it {dflt('ema')}")
-    a("--lr-decay", type=_int, nargs=2, metavar=("START", "END"), default=None,
-      help="both learning rates fall linearly to 0 from step START to step END "
-           f"{dflt('lr_decay', lambda v: 'the second half of --steps' if v == 'auto' else ' '.join(map(str, v)))}")
-    a("--no-lr-decay", dest="lr_decay", action="store_const", const=[], help="constant learning rates")
-    a("--keep", type=_int, default=None, help=f"keep the newest K checkpoints {dflt('keep')}")
-    a("--sample-every", type=_int, default=None, help=f"write a sample grid every N steps (0: only at the end) {dflt('sample_every')}")
-    a("--ckpt-every", type=_int, default=None, help=f"checkpoint every N steps (0: only at the end) {dflt('ckpt_every')}")
-    a("--eval-every", type=_int, default=None, help=f"quality metric every N steps (0: only at the end) {dflt('eval_every')}")
-    a("--log-every", type=_int, default=None, help=f"metrics.jsonl line every N steps {dflt('log_every')}")
-    a("--no-eval", dest="final_eval", action="store_false", default=None, help="skip the quality metric at the end")
-    a("--demo", action="store_true", default=False,
-      help="the README demo preset: the default recipe, shorter (MLP GAN, digits, fused kernels)")
-    a("--compare-torch", action="store_true", default=None,
-      help="also time the same loop with plain-PyTorch layers and print the speed ratio")
-    a("--quiet", action="store_true", default=None, help="no progress bar or periodic lines; final summary only")
-    a("--threads", type=_threads, default=None, help="torch CPU threads (default: torch's choice)")
-    a("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
-      help="under torchrun: synchronize BatchNorm statistics over all ranks (default: on for models with BatchNorm)")
+    for f in dataclasses.fields(TrainConfig):
+        _add_setting(p, f)
+    p.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (default: torch's choice)")
     _debug_arg(p)
     return p
+
+
+def _add_setting(p, f):
+    """The option(s) of one TrainConfig field.  Their default is None ("not given"), so a --resume can tell what
+    was given explicitly; TrainConfig fills in the rest."""
+    m = f.metadata
+    kw = dict(m["argparse"], default=None, dest=f.name, help=f"{m['help']}{_default_text(f)}")
+    if kw.get("type") is int:
+        kw["type"] = _int
+    p.add_argument(*(m["flags"] or ("--" + f.name.replace("_", "-"),)), **kw)
+    for flag, extra in m["also"]:
+        p.add_argument(flag, dest=f.name, **extra)
+
+
+def _default_text(f):
+    """" (default: X[; --demo: Y])" from the field's default and DEMO, or the field's own text, or nothing."""
+    from .config import DEMO
+    shown = f.metadata["shown"]
+    if shown is False:
+        return ""
+    if isinstance(shown, str):
+        return f" (default: {shown})"
+    show = shown if callable(shown) else (lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+    txt = f"default: {show(f.default)}"
+    if f.name in DEMO and DEMO[f.name] != f.default:
+        txt += f"; --demo: {show(DEMO[f.name])}"
+    return f" ({txt})"
 
 
 def _debug_arg(p):
@@ -125,20 +104,15 @@ def _debug_arg(p):
 
 
 def _cmd_train(args):
-    from .trainer import DEMO, TrainConfig, train
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("cmd", "func", "threads", "demo", "debug")}
+    from .config import TrainConfig, demo_config, free_run_dir
+    from .trainer import train
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if f.name != "demo" and getattr(args, f.name) is not None}
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    cfg = TrainConfig()
-    if args.demo:
-        for k, v in DEMO.items():
-            setattr(cfg, k, v)
-        cfg.demo = True
-    for k, v in given.items():
-        setattr(cfg, k, v)
+    cfg = dataclasses.replace(demo_config() if args.demo else TrainConfig(), **given)
     if args.demo and "out" not in given and not cfg.resume:
-        from .trainer import free_run_dir
         cfg.out = free_run_dir(cfg.out)  # re-running the demo never clashes with an earlier demo run
     cfg.validate()  # the same checks train() runs first; here before anything is loaded
     summary = train(cfg, explicit=set(given))
@@ -151,7 +125,8 @@ def _cmd_train(args):
 
 
 def _load_generator(args):
-    from .trainer import load_checkpoint, models_from_checkpoint, resolve_device
+    from .checkpoint import load_checkpoint, models_from_checkpoint
+    from .config import resolve_device
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint, map_location=device)
     G, _, shape, cfg = models_from_checkpoint(ckpt, device, use_ema=not args.no_ema,
@@ -162,7 +137,7 @@ def _load_generator(args):
 def _check_sample_out(path, n):
     """--out: a writable place for an .npy or an image format Pillow writes; --n within what the format holds."""
     from .checkpoint import make_dirs
-    from .trainer import ConfigError
+    from .config import ConfigError
     if os.path.isdir(path):
         raise ConfigError(f"argument --out: expected a file path ending in .png or .npy; {path!r} is a folder")
     ext = os.path.splitext(path)[1].lower()
@@ -187,7 +162,9 @@ def _check_sample_out(path, n):
 def _cmd_sample(args):
     import numpy as np
     import torch
-    from .trainer import ConfigError, check_memory, generate, save_grid
+    from .config import ConfigError, check_memory
+    from .images import save_grid
+    from .models import generate
     if args.n < 1:
         raise ConfigError(f"argument --n: expected an integer >= 1; got {args.n}")
     _check_sample_out(args.out, args.n)
@@ -209,7 +186,8 @@ def _cmd_sample(args):
 def _cmd_eval(args):
     from .data import load_dataset
     from .metrics import QualityMetric, format_report
-    from .trainer import CheckpointError, generate
+    from .checkpoint import CheckpointError
+    from .models import generate
     G, shape, cfg, device, ckpt = _load_generator(args)
     data = load_dataset(cfg["dataset"], args.data_dir or cfg.get("data_dir"))
     if tuple(data.image_shape) != tuple(shape):
@@ -226,29 +204,29 @@ def _cmd_eval(args):
     return 0
 
 
+def _bench_suite():
+    """bench/run.py of a source checkout (the pytest-benchmark suites), or None in an installed gankern."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = os.path.join(root, "bench", "run.py")
+    return script if os.path.isfile(script) else None
+
+
 def _cmd_bench(args):
-    import subprocess
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    script = os.path.join(here, "bench", "run.py")
-    if os.path.isfile(script) and not args.quick:
-        return subprocess.call([sys.executable, script, *args.pytest_args])
+    script = _bench_suite()
+    if script and not args.quick:
+        import subprocess
+        return subprocess.call([sys.executable, script, *args.pytest_args])  # a separate process: no import
     import torch
+    from .config import TrainConfig, resolve_device
     from .data import load_dataset
-    from .trainer import TrainConfig, compare_speed, resolve_device
+    from .speed import compare_speed, synthetic_data
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    from .trainer import validate_config
-    cfg = TrainConfig(model=args.model, batch_size=args.batch_size,
-                      dataset="digits" if args.dataset == "synthetic-784" else args.dataset, data_dir=args.data_dir,
-                      backend=args.backend, device=args.device or "auto")
-    validate_config(cfg)
-    if args.dataset == "synthetic-784":
-        from .data import ImageData
-        g = torch.Generator().manual_seed(0)
-        data = ImageData("synthetic", torch.rand(2048, 784, generator=g), torch.zeros(2048, dtype=torch.long), (28, 28))
-    else:
-        data = load_dataset(args.dataset, args.data_dir)
+    synthetic = args.dataset == "synthetic-784"
+    cfg = TrainConfig(model=args.model, batch_size=args.batch_size, dataset="digits" if synthetic else args.dataset,
+                      data_dir=args.data_dir, backend=args.backend, device=args.device or "auto").validate()
+    data = synthetic_data() if synthetic else load_dataset(args.dataset, args.data_dir)
     print("quick training-step timing (bench/run.py not found or --quick given)")
     compare_speed(cfg, data, device)
     return 0
@@ -278,6 +256,8 @@ def _cmd_info(args):
 
 
 def build_parser():
+    from .config import BACKEND_CHOICES
+    from .models import MODELS
     p = _Parser(prog="gankern", description="gankern: fused GAN kernels for PyTorch, and a GAN trainer",
                 epilog="Errors print one line 'gankern: error: ...' and exit with status 2 (1: an internal error); "
                        "--debug or GANKERN_DEBUG=1 adds the traceback.")
@@ -290,7 +270,7 @@ def build_parser():
     def ckpt_args(q):
         q.add_argument("--checkpoint", required=True, help="a ckpt_XXXXXXXX.pt written by gankern train")
         q.add_argument("--device", default=None, help="auto (default), cpu, cuda")
-        q.add_argument("--backend", choices=["auto", "cpp", "cuda", "triton", "reference"], default=None,
+        q.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
                        help="gankern backend for the fused layers (default: auto)")
         q.add_argument("--seed", type=_int, default=0, help="noise seed (default: 0)")
         q.add_argument("--no-ema", action="store_true", help="use the raw generator even if the checkpoint has an EMA")
@@ -317,12 +297,12 @@ def build_parser():
                                    "source tree is present; otherwise, or with --quick, times training steps of the "
                                    "fused vs plain-PyTorch models.")
     b.add_argument("--quick", action="store_true", help="only the quick training-step timing")
-    b.add_argument("--model", choices=["mlp", "dcgan"], default="mlp", help="architecture (default: mlp)")
+    b.add_argument("--model", choices=MODELS, default="mlp", help="architecture (default: mlp)")
     b.add_argument("--dataset", default="synthetic-784", help="synthetic-784 (default), digits, mnist, fashion-mnist")
     b.add_argument("--data-dir", default=None, help="data folder for mnist / fashion-mnist")
     b.add_argument("--batch-size", type=_int, default=128, help="batch size (default: 128)")
     b.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
-    b.add_argument("--backend", choices=["auto", "cpp", "cuda", "triton", "reference"], default=None,
+    b.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
                    help="gankern backend for the fused layers (default: auto)")
     b.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (default: torch's choice)")
     b.add_argument("pytest_args", nargs="*", help="extra arguments for bench/run.py (e.g. -k train)")

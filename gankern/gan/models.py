@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 MODELS = ("mlp", "dcgan")
 SLOPE = 0.2
@@ -193,3 +192,48 @@ def set_backend(module: nn.Module, backend) -> nn.Module:
         if type(m).__module__.startswith("gankern.nn") and hasattr(m, "backend"):
             m.backend = backend
     return module
+
+
+# ---------------------------------------------------------------------------------------------- running a generator
+
+@torch.no_grad()
+def recalibrate_batch_norm(G, z_dim, device, seed, n=4096, batch=256):
+    """Recompute the running statistics of every BatchNorm in ``G`` for G's own weights.
+
+    For the EMA generator: its weights average many steps, so the running statistics of the
+    training generator (a ~10-step average for momentum 0.1, measured with other weights) do not
+    match them, and eval-mode samples suffer (demo, 4 seeds: Fréchet distance 3.4-7.9x the floor
+    with copied statistics, 2.6-3.6x recalibrated).  ``n`` samples of noise from a private
+    generator (no global RNG use; same weights -> same statistics) through G in training mode
+    with a cumulative average (momentum None), as torch's BatchNorm defines it.
+    """
+    norms = [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats]
+    if not norms:
+        return G
+    was, momenta = G.training, [m.momentum for m in norms]
+    g = torch.Generator().manual_seed(seed)
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        G.train()
+        for c in torch.randn(n, z_dim, generator=g).split(batch):
+            G(c.to(device))
+    finally:
+        for m, mom in zip(norms, momenta):
+            m.momentum = mom
+        G.train(was)
+    return G
+
+
+@torch.no_grad()
+def generate(G, n, z_dim, device, seed, batch=1024):
+    """n samples from G in eval mode with noise from a private generator (no global RNG use)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, z_dim, generator=g)
+    was = G.training
+    G.eval()
+    try:
+        return torch.cat([G(c.to(device)).float().cpu() for c in z.split(batch)])
+    finally:
+        G.train(was)
