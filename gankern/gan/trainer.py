@@ -28,7 +28,7 @@ import torch
 from .. import __version__
 from . import distributed
 from .checkpoint import CheckpointError, RunFolder, checkpoint_payload, load_checkpoint, load_state
-from .config import (LOCKED, ConfigError, TrainConfig, check_memory, check_precision, lr_factor, resolve_device,
+from .config import (LOCKED, ConfigError, TrainConfig, check_memory, lr_factor, resolve_device,
                      resolve_lr_decay, training_memory)
 from .data import InfiniteSampler, load_dataset
 from .images import plot_losses, save_grid
@@ -149,8 +149,7 @@ class Trainer:
         self._quality = None
 
     def run(self) -> dict:
-        cfg = self.cfg
-        check_precision(cfg.precision, self.device)
+        cfg = self.cfg  # validated by train() (TrainConfig.validate)
         cfg.lr_decay = resolve_lr_decay(cfg.lr_decay, cfg.steps)  # "auto" -> the second half of this run's steps
         if self.dctx.is_main:
             os.makedirs(cfg.out, exist_ok=True)
@@ -197,7 +196,6 @@ class Trainer:
             raise CheckpointError(f"{path or self.run_dir.config_path}: the saved settings are invalid: {e}") from None
         if ckpt is not None:
             self.log(f"resuming from {path} at step {int(ckpt['step'])} (target: {cfg.steps} steps)")
-        check_precision(cfg.precision, self.device)
         cfg.lr_decay = resolve_lr_decay(cfg.lr_decay, cfg.steps)  # a saved config may say "auto"
         return path, ckpt, ckpt is None
 
