@@ -4,8 +4,9 @@ import sys, time, torch, contextlib
 
 torch.set_num_threads(2)
 import gankern
-from gankern.models import make_models
-from gankern.train import TrainConfig, make_optimizers, make_train_step
+from gankern.gan.models import make_models
+from gankern.gan.config import TrainConfig
+from gankern.gan.step import make_optimizers, make_train_step
 B, Z = 128, 64
 model = sys.argv[1] if len(sys.argv) > 1 else "mlp"
 DEV = torch.device("cpu")

@@ -7,7 +7,7 @@ run interleaved in one invocation (round 1: A, B, C; round 2: A, B, C; ...), so 
 of them alike:
 
   A  "ddp 2x1"      2 ranks (1 thread each), global batch 128 = 2 x 64, the trainer's wiring
-                    (gankern.distributed.DistContext.wrap: DDP, G's BatchNorm synchronized)
+                    (gankern.gan.distributed.DistContext.wrap: DDP, G's BatchNorm synchronized)
   B  "local 2x1"    the same 2 processes at 1 thread, batch 64 each, no communication at all
                     (the compute floor of A: A - B is what communication and waiting cost)
   C  "single 1x2"   1 process, 2 threads, batch 128 (plain ``gankern train``)
@@ -37,9 +37,10 @@ def worker(mode, rank, world, port, steps, chunks):
     import torch
     import torch.distributed as dist
     torch.set_num_threads(2 if mode == "single" else 1)
-    from gankern.distributed import DistContext
-    from gankern.models import make_models
-    from gankern.train import TrainConfig, make_optimizers, make_train_step
+    from gankern.gan.distributed import DistContext
+    from gankern.gan.models import make_models
+    from gankern.gan.config import TrainConfig
+    from gankern.gan.step import make_optimizers, make_train_step
     if mode != "single":
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     bn_time = [0.0, 0]

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 import gankern
-from gankern.models import make_models
-from gankern.train import TrainConfig, make_optimizers, make_train_step
+from gankern.gan.models import make_models
+from gankern.gan.config import TrainConfig
+from gankern.gan.step import make_optimizers, make_train_step
 
 
 def timer(fn, device, warmup=5, iters=25):

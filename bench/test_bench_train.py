@@ -1,7 +1,7 @@
 """Training steps of the MLP GAN and the DCGAN (batch 128, z_dim 64, 28x28 = 784-pixel images, CPU, 2 threads),
 in fp32 and in bf16 mixed precision, side by side in one run.
 
-impl "gankern:cpp"  fused modules (gankern.nn, backend cpp) + the tuned loop of gankern.train; bf16: the
+impl "gankern:cpp"  fused modules (gankern.nn, backend cpp) + the tuned loop of gankern.gan.step; bf16: the
                     trainer's --precision bf16 (autocast, each weight cast once per step)
 impl "tutorial"     the tutorial's plain loop: unfused torch.nn layers, generator run twice per step
                     (a fresh z for the G step), D not frozen in the G step, separate D(real)/D(fake)
@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 import gankern
-from gankern.models import make_models
-from gankern.train import TrainConfig, make_optimizers, make_train_step
+from gankern.gan.models import make_models
+from gankern.gan.config import TrainConfig
+from gankern.gan.step import make_optimizers, make_train_step
 
 from conftest import record
 

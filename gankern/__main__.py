@@ -1,6 +1,6 @@
 """python -m gankern ... (same as the ``gankern`` console script)."""
 import sys
 
-from .cli import main
+from .gan.cli import main
 
 sys.exit(main())

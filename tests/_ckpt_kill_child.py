@@ -27,8 +27,9 @@ import torch
 
 torch.set_num_threads(1)
 
-import gankern.checkpoint as C  # noqa: E402
-from gankern.train import TrainConfig, train  # noqa: E402
+import gankern.gan.checkpoint as C  # noqa: E402
+from gankern.gan.config import TrainConfig  # noqa: E402
+from gankern.gan.trainer import train  # noqa: E402
 
 work, report_path, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 STEPS = 12

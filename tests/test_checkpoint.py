@@ -1,4 +1,4 @@
-"""gankern.checkpoint: payload checksums, field validation, atomic saves under faults (full disk, SIGKILL at every
+"""gankern.gan.checkpoint: payload checksums, field validation, atomic saves under faults (full disk, SIGKILL at every
 I/O event of a save), temp-file clean-up and the run-folder lock (two processes)."""
 import errno
 import json
@@ -13,10 +13,11 @@ import torch
 
 from tolerances import assert_same as _assert_same
 
-from gankern import checkpoint as C
-from gankern.checkpoint import (CheckpointError, CheckpointWarning, RunFolder, RunFolderError, RunLockedError,
+from gankern.gan import checkpoint as C
+from gankern.gan.checkpoint import (CheckpointError, CheckpointWarning, RunFolder, RunFolderError, RunLockedError,
                                 load_checkpoint, payload_checksum, save_atomic, save_checkpoint)
-from gankern.train import TrainConfig, train
+from gankern.gan.config import TrainConfig
+from gankern.gan.trainer import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -96,7 +97,7 @@ def test_flipped_tensor_bytes_are_detected(ckpt_path, tmp_path):
         with pytest.raises(CheckpointError, match=r"flip_.*checksum mismatch.*corrupt"):
             load_checkpoint(str(bad))
     # and through the CLI: one line, exit 2, nothing written
-    from gankern.cli import main
+    from gankern.gan.cli import main
     assert main(["sample", "--checkpoint", str(tmp_path / "flip_G.pt"), "--out", str(tmp_path / "s.png")]) == 2
     assert not (tmp_path / "s.png").exists()
 
@@ -164,7 +165,7 @@ def test_invalid_fields_are_refused(ckpt_path, tmp_path, edit, match):
 
 
 def test_weights_for_another_image_size(ckpt_path, tmp_path):
-    from gankern.train import models_from_checkpoint
+    from gankern.gan.checkpoint import models_from_checkpoint
     c = load_checkpoint(ckpt_path)
     c["image_shape"] = [28, 28]
     with pytest.raises(CheckpointError, match=r"do not fit a 'mlp' model for 28x28 images.*size mismatch for "
@@ -287,7 +288,7 @@ def test_kill_during_saves_then_resume_bit_exact(tmp_path):
 
 _HOLDER = textwrap.dedent("""
     import sys
-    from gankern.checkpoint import RunFolder
+    from gankern.gan.checkpoint import RunFolder
     run = RunFolder(sys.argv[1]).lock()
     print("locked", flush=True)
     sys.stdin.read()   # hold the lock until the parent closes stdin

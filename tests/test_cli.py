@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gankern.cli import main
+from gankern.gan.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,6 +25,44 @@ def test_help(cmd, capsys):
                      "--device", "--backend", "--out", "--resume", "--real-label", "--ema", "--keep",
                      "--sample-every", "--demo", "--quiet", "--compare-torch"):
             assert flag in out, flag
+
+
+def test_train_options_are_the_trainconfig_fields():
+    """gankern train has one option per TrainConfig field (its help from the field); not given = None, so
+    TrainConfig's defaults (or a resumed run's settings) apply."""
+    import dataclasses
+    from gankern.gan.cli import build_parser
+    from gankern.gan.config import TrainConfig
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    args = build_parser().parse_args(["train"])
+    assert all(getattr(args, n) is None for n in names)
+    a = build_parser().parse_args(["train", "--no-eval", "--no-lr-decay", "--ema", "--no-sync-bn", "--steps", "2e3",
+                                   "--lr-d", "1e-3"])
+    assert (a.final_eval, a.lr_decay, a.ema, a.sync_bn, a.steps, a.lr_d) == (False, [], 0.999, False, 2000, 1e-3)
+    assert all(f.metadata["help"] for f in dataclasses.fields(TrainConfig))
+
+
+def test_old_module_paths_still_work():
+    """The application moved to gankern.gan; the old module paths are the same modules (or re-export them)."""
+    import importlib
+    for name in ("models", "data", "metrics", "checkpoint", "cli"):
+        assert importlib.import_module(f"gankern.{name}") is importlib.import_module(f"gankern.gan.{name}"), name
+    from gankern.train import (DEMO, CheckpointError, ConfigError, TrainConfig, WeightCasts, compare_speed,  # noqa
+                               free_run_dir, generate, load_checkpoint, make_optimizers, make_train_step,
+                               models_from_checkpoint, recalibrate_batch_norm, resolve_device, save_grid, time_steps,
+                               train, validate_config)
+    import gankern.gan.trainer
+    assert train is gankern.gan.trainer.train
+    from gankern.distributed import DistContext, convert_sync_batchnorm, rank_seed, setup  # noqa: F401
+    import gankern.gan.distributed
+    assert DistContext is gankern.gan.distributed.DistContext
+
+
+def test_the_kernel_library_does_not_import_the_application():
+    code = ("import sys, gankern, gankern.nn, gankern.fuse, gankern.distributed; "
+            "sys.exit(sorted(m for m in sys.modules if m.startswith('gankern.gan')) or 0)")
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
 
 
 def test_python_dash_m():
@@ -66,7 +104,7 @@ def test_eval(tiny_run, capsys):
 
 
 def test_demo_picks_a_free_folder(tmp_path):
-    from gankern.train import free_run_dir
+    from gankern.gan.config import free_run_dir
     base = str(tmp_path / "demo")
     assert free_run_dir(base) == base
     os.makedirs(base)
@@ -180,7 +218,7 @@ def test_error_out_under_a_file(tmp_path, capsys):
 
 def test_error_unwritable_folder(tmp_path, capsys, monkeypatch):
     # tests run as root (permissions do not apply): the folder refuses new files as a read-only one would
-    from gankern import checkpoint as C
+    from gankern.gan import checkpoint as C
     real = os.open
 
     def readonly(path, flags, *a, **k):
@@ -193,7 +231,7 @@ def test_error_unwritable_folder(tmp_path, capsys, monkeypatch):
 
 
 def test_error_full_disk_during_save(tmp_path, capsys, monkeypatch):
-    from gankern import checkpoint as C
+    from gankern.gan import checkpoint as C
     real = open
 
     class Full:
@@ -220,7 +258,7 @@ def test_error_full_disk_during_save(tmp_path, capsys, monkeypatch):
 
 
 def test_error_checkpoint_for_another_image_size(tmp_path, capsys):
-    from gankern.checkpoint import load_checkpoint, save_checkpoint
+    from gankern.gan.checkpoint import load_checkpoint, save_checkpoint
     d28, d32 = _write_idx(tmp_path / "m28"), _write_idx(tmp_path / "m32", h=32, w=32)
     out = tmp_path / "r"
     assert main(TRAIN + ["--dataset", "mnist", "--data-dir", str(d28), "--out", str(out)]) == 0
@@ -237,7 +275,7 @@ def test_error_checkpoint_for_another_image_size(tmp_path, capsys):
 
 
 def test_error_config_missing_model(tiny_run, tmp_path, capsys):
-    from gankern.checkpoint import load_checkpoint, save_checkpoint
+    from gankern.gan.checkpoint import load_checkpoint, save_checkpoint
     ck = load_checkpoint(str(tiny_run / "ckpt_00000012.pt"))
     del ck["config"]["model"]
     save_checkpoint(ck, str(tmp_path / "nomodel.pt"))
@@ -247,7 +285,7 @@ def test_error_config_missing_model(tiny_run, tmp_path, capsys):
 
 
 def test_error_too_much_memory(tiny_run, tmp_path, capsys, monkeypatch):
-    from gankern import train as T
+    from gankern.gan import config as T
     ck = str(tiny_run / "ckpt_00000012.pt")
     assert "argument --n: an image grid holds at most 65536 samples; got 100000000" in \
         _error_line(capsys, ["sample", "--checkpoint", ck, "--n", "1e8", "--out", str(tmp_path / "g.png")])
@@ -260,7 +298,7 @@ def test_error_too_much_memory(tiny_run, tmp_path, capsys, monkeypatch):
 
 
 def test_error_out_of_memory_from_the_allocator(tiny_run, tmp_path, capsys, monkeypatch):
-    from gankern import train as T
+    from gankern.gan import models as T
 
     def oom(*a, **k):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
@@ -297,7 +335,7 @@ def test_error_run_folder_states(tmp_path, capsys):
 
 
 def test_internal_error_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
-    from gankern import train as T
+    from gankern.gan import trainer as T
 
     def bug(*a, **k):
         raise TypeError("unexpected thing")

@@ -1,4 +1,4 @@
-"""gankern.data: the bundled digits, local MNIST-style files (IDX raw/.gz, .npz) and their errors, the sampler."""
+"""gankern.gan.data: the bundled digits, local MNIST-style files (IDX raw/.gz, .npz) and their errors, the sampler."""
 import gzip
 import struct
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gankern.data import DataError, InfiniteSampler, load_dataset, read_idx_images, read_idx_labels, read_npz
+from gankern.gan.data import DataError, InfiniteSampler, load_dataset, read_idx_images, read_idx_labels, read_npz
 
 
 def idx_images(arr, magic=2051):

@@ -255,9 +255,10 @@ def test_sync_batch_norm_two_ranks(bn_results, case):
 def buffers_worker(rank, world, port):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from gankern.distributed import DistContext
-    from gankern.models import make_models
-    from gankern.train import TrainConfig, make_optimizers, make_train_step
+    from gankern.gan.config import TrainConfig
+    from gankern.gan.distributed import DistContext
+    from gankern.gan.models import make_models
+    from gankern.gan.step import make_optimizers, make_train_step
     init_worker(rank, world, port)
     res = {}
     dev = torch.device("cpu")
@@ -421,10 +422,12 @@ def ddp_run(tmp_path_factory):
 
 def test_ddp_training_equals_one_process_on_the_same_global_batches(ddp_run):
     """D has no BatchNorm, G the synchronized one: 2 ranks x 16 rows == 1 process x 32 rows, step by step."""
-    from gankern.data import InfiniteSampler, load_dataset
-    from gankern.distributed import rank_seed
-    from gankern.models import make_models
-    from gankern.train import CheckpointError, TrainConfig, load_checkpoint, make_optimizers, make_train_step  # noqa
+    from gankern.gan.checkpoint import CheckpointError, load_checkpoint  # noqa
+    from gankern.gan.config import TrainConfig
+    from gankern.gan.data import InfiniteSampler, load_dataset
+    from gankern.gan.distributed import rank_seed
+    from gankern.gan.models import make_models
+    from gankern.gan.step import make_optimizers, make_train_step
     dev = torch.device("cpu")
     data = load_dataset("digits")
     with torch.random.fork_rng():
@@ -507,7 +510,7 @@ def test_killed_run_resumes_exactly(killed_run, ddp_run):
         assert rc == 0, f"rank {r}: {e[-3000:]}"
     keys = ("step", "loss_d", "loss_g", "d_x", "d_g_z")
     assert [[r[k] for k in keys] for r in metric_rows(out)] == [[r[k] for k in keys] for r in metric_rows(ddp_run)]
-    from gankern.train import load_checkpoint
+    from gankern.gan.checkpoint import load_checkpoint
     a = load_checkpoint(os.path.join(out, f"ckpt_{STEPS:08d}.pt"))
     b = load_checkpoint(os.path.join(ddp_run, f"ckpt_{STEPS:08d}.pt"))
     for name in ("G", "D"):
@@ -524,8 +527,8 @@ def test_batch_not_divisible_by_world_size_is_a_clear_error(tmp_path):
 
 
 def test_cli_flags_and_single_process_context(capsys):
-    from gankern.cli import main
-    from gankern.distributed import DistContext, launched_by_torchrun, rank_seed, setup
+    from gankern.gan.cli import main
+    from gankern.gan.distributed import DistContext, launched_by_torchrun, rank_seed, setup
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out

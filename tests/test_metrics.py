@@ -1,10 +1,10 @@
-"""gankern.metrics: Fréchet distance against an independent formula, the quality metric's behaviour."""
+"""gankern.gan.metrics: Fréchet distance against an independent formula, the quality metric's behaviour."""
 import numpy as np
 import pytest
 import torch
 
-from gankern.data import load_dataset
-from gankern.metrics import QualityMetric, format_report, frechet_distance
+from gankern.gan.data import load_dataset
+from gankern.gan.metrics import QualityMetric, format_report, frechet_distance
 
 
 def _fd_scipy(a, b):

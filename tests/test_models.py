@@ -1,9 +1,9 @@
-"""gankern.models: fused GANs vs their plain-PyTorch twins (same keys, same numbers), shapes, errors."""
+"""gankern.gan.models: fused GANs vs their plain-PyTorch twins (same keys, same numbers), shapes, errors."""
 import pytest
 import torch
 
 import gankern
-from gankern.models import (DCGANDiscriminator, DCGANGenerator, MLPDiscriminator, MLPGenerator, make_models,
+from gankern.gan.models import (DCGANDiscriminator, DCGANGenerator, MLPDiscriminator, MLPGenerator, make_models,
                             set_backend)
 from tolerances import assert_close
 

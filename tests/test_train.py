@@ -1,4 +1,5 @@
-"""gankern.train: short runs of both models, exact resume, atomic checkpoints, checkpoint errors."""
+"""gankern.gan.trainer / step: short runs of both models, exact resume, atomic checkpoints, checkpoint errors."""
+import copy
 import json
 import os
 
@@ -7,8 +8,12 @@ import torch
 
 from tolerances import assert_same as _assert_same
 
-from gankern import train as T
-from gankern.train import CheckpointError, TrainConfig, list_checkpoints, load_checkpoint, save_atomic, train
+from gankern.gan.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, models_from_checkpoint,
+                                    save_atomic)
+from gankern.gan.config import TrainConfig, lr_factor
+from gankern.gan.models import make_models, recalibrate_batch_norm
+from gankern.gan.step import BN_RECAL_SEED, TrainStep, make_optimizers, make_train_step
+from gankern.gan.trainer import train
 
 
 def cfg(out, **kw):
@@ -56,8 +61,8 @@ def test_exact_resume(tmp_path):
 
 
 def test_lr_decay_schedule(tmp_path):
-    assert [T.lr_factor(s, [4, 8]) for s in (1, 4, 5, 6, 8, 9)] == [1.0, 1.0, 0.75, 0.5, 0.0, 0.0]
-    assert T.lr_factor(123, None) == 1.0
+    assert [lr_factor(s, [4, 8]) for s in (1, 4, 5, 6, 8, 9)] == [1.0, 1.0, 0.75, 0.5, 0.0, 0.0]
+    assert lr_factor(123, None) == 1.0
     with pytest.raises(ValueError, match="lr_decay must be two steps START < END"):
         train(cfg(tmp_path, lr_decay=[8, 4]))
     s = train(cfg(tmp_path / "d", steps=6, lr_decay=[2, 4], lr=1e-3, lr_d=2e-3))
@@ -89,7 +94,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     def boom(src, dst):
         raise OSError("simulated crash before the rename")
-    monkeypatch.setattr(T.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)
     # overwrite the same file: the rename fails, the old file must be intact and no temp file left behind
     with pytest.raises(OSError, match="simulated crash"):
         save_atomic({"format": "junk"}, s["checkpoint"])
@@ -129,9 +134,8 @@ def test_bad_checkpoints(tmp_path):
 
 
 def test_train_step_freezes_d_and_reuses_fake(monkeypatch):
-    from gankern.models import make_models
     G, D = make_models("mlp", (8, 8), 8)
-    opt_g, opt_d = T.make_optimizers(G, D, TrainConfig(), torch.device("cpu"))
+    opt_g, opt_d = make_optimizers(G, D, TrainConfig(), torch.device("cpu"))
     calls = {"G": 0}
     orig = G.forward
 
@@ -142,7 +146,7 @@ def test_train_step_freezes_d_and_reuses_fake(monkeypatch):
     seen = []
     for p in D.parameters():
         p.register_hook(lambda g: seen.append(1) or g)
-    step = T.make_train_step(G, D, opt_g, opt_d, z_dim=8, batch_size=4, device=torch.device("cpu"))
+    step = make_train_step(G, D, opt_g, opt_d, z_dim=8, batch_size=4, device=torch.device("cpu"))
     ld, lg, dr, df = step(torch.rand(4, 64))
     assert calls["G"] == 1                          # the fake batch is reused for the G step
     assert len(seen) == len(list(D.parameters()))  # D weight grads only in the D step
@@ -151,18 +155,47 @@ def test_train_step_freezes_d_and_reuses_fake(monkeypatch):
     assert opt_g.param_groups[0]["fused"] and opt_d.param_groups[0]["betas"] == (0.5, 0.999)
 
 
+def test_train_step_state_dict_round_trip():
+    """TrainStep saves and restores its models, optimizers and EMA generator: a step restored into fresh models
+    continues bit for bit."""
+    dev = torch.device("cpu")
+
+    def make(seed):
+        torch.manual_seed(seed)
+        G, D = make_models("mlp", (8, 8), 8)
+        opt_g, opt_d = make_optimizers(G, D, TrainConfig(), dev)
+        ema = copy.deepcopy(G).requires_grad_(False)
+        return TrainStep(G, D, opt_g, opt_d, z_dim=8, batch_size=4, device=dev, real_label=0.9, ema=(ema, 0.9))
+    real = torch.rand(4, 64, generator=torch.Generator().manual_seed(1))
+    a = make(0)
+    for _ in range(3):
+        a(real)
+    b = make(1)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    assert b.ema_updates() == a.ema_updates() == 3
+    rng = torch.get_rng_state()
+    got_a = a(real)
+    torch.set_rng_state(rng)
+    got_b = b(real)
+    _assert_same(list(got_a), list(got_b), "losses")
+    _assert_same(a.state_dict(), b.state_dict(), "state")
+    assert b.sample_model() is b.ema_model
+    with pytest.raises(ValueError, match="EMA generator"):
+        b.load_state_dict(dict(a.state_dict(), G_ema=None))
+
+
 def test_time_steps_fused_and_plain():
-    from gankern.data import load_dataset
+    from gankern.gan.data import load_dataset
+    from gankern.gan.speed import time_steps
     data = load_dataset("digits")
     c = TrainConfig(batch_size=8)
     for fused in (True, False):
-        t = T.time_steps(c, data, torch.device("cpu"), fused=fused, steps=2, warmup=1, rounds=1)
+        t = time_steps(c, data, torch.device("cpu"), fused=fused, steps=2, warmup=1, rounds=1)
         assert 0 < t < 10
 
 
 @pytest.mark.parametrize("model", ["mlp", "dcgan"])
 def test_recalibrate_batch_norm_gives_the_generators_own_statistics(model):
-    from gankern.models import make_models
     torch.manual_seed(0)
     G, _ = make_models(model, (28, 28), 16, fused=True)
     norms = [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
@@ -176,7 +209,7 @@ def test_recalibrate_batch_norm_gives_the_generators_own_statistics(model):
     params = [p.detach().clone() for p in G.parameters()]
     G.eval()
     rng = torch.get_rng_state()
-    T.recalibrate_batch_norm(G, 16, "cpu", seed=3, n=96, batch=32)
+    recalibrate_batch_norm(G, 16, "cpu", seed=3, n=96, batch=32)
     assert torch.equal(torch.get_rng_state(), rng)  # private noise generator
     assert not G.training and all(m.momentum == 0.1 for m in norms)
     assert all(torch.equal(p, q) for p, q in zip(params, G.parameters()))
@@ -193,7 +226,7 @@ def test_recalibrate_batch_norm_gives_the_generators_own_statistics(model):
         torch.testing.assert_close(m.running_var.double(), var, rtol=1e-4, atol=1e-5)
         assert int(m.num_batches_tracked) == 3
     before = [m.running_mean.clone() for m in norms]
-    T.recalibrate_batch_norm(G, 16, "cpu", seed=3, n=96, batch=32)  # same weights, same noise: same bits
+    recalibrate_batch_norm(G, 16, "cpu", seed=3, n=96, batch=32)  # same weights, same noise: same bits
     assert all(torch.equal(a, m.running_mean) for a, m in zip(before, norms))
 
 
@@ -201,9 +234,9 @@ def test_ema_checkpoint_holds_recalibrated_statistics(tmp_path):
     s = train(cfg(tmp_path / "r", steps=12, ema=0.9, sample_every=0, ckpt_every=0))
     ck = load_checkpoint(s["checkpoint"])
     assert ck["G_ema_bn"] == "recalibrated"
-    G, _, _, c = T.models_from_checkpoint(ck)
+    G, _, _, c = models_from_checkpoint(ck)
     want = {k: v.clone() for k, v in G.state_dict().items()}
-    T.recalibrate_batch_norm(G, c["z_dim"], "cpu", T.BN_RECAL_SEED)
+    recalibrate_batch_norm(G, c["z_dim"], "cpu", BN_RECAL_SEED)
     for k, v in G.state_dict().items():
         assert torch.equal(v, want[k]), k
     # a checkpoint written before recalibration existed is recalibrated on load
@@ -211,7 +244,7 @@ def test_ema_checkpoint_holds_recalibrated_statistics(tmp_path):
     del ck2["G_ema_bn"]
     ck2["G_ema"] = {k: (v.fill_(3.0) if k.endswith("running_mean") else v) for k, v in
                     ((k, v.clone()) for k, v in ck["G_ema"].items())}
-    G2, _, _, _ = T.models_from_checkpoint(ck2)
+    G2, _, _, _ = models_from_checkpoint(ck2)
     for k, v in G2.state_dict().items():
         assert torch.equal(v, want[k]), k
 
