@@ -1,6 +1,7 @@
 // gankern::bce_with_logits: binary_cross_entropy_with_logits fused into one forward and one
 // backward kernel.  Schemas, argument checks, operand preparation and the C++ autograd shared
-// by the CPU kernels (csrc/cpu/bce.cpp) and the CUDA glue (csrc/cuda/bce_glue.cpp).
+// by the CPU kernels (csrc/cpu/bce.cpp), the CUDA glue (csrc/cuda/bce_glue.cpp) and the Triton kernels
+// (overload triton, gankern/ops/bce.py).
 //
 // The target is either a tensor (input's shape and dtype) or a float (`target` = None and
 // `target_scalar`): GAN labels 1.0 / 0.0 / 0.9 need no label tensor.
@@ -26,13 +27,13 @@ namespace bce {
 void check_args(const at::Tensor& input, const std::optional<at::Tensor>& target, double target_scalar,
                 const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
                 int64_t reduction) {
-  TORCH_CHECK(input.defined(), "bce_with_logits: input must be a tensor");
+  TORCH_INTERNAL_ASSERT(input.defined());  // a non-optional Tensor of the schema
   const auto dt = input.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
               "bce_with_logits: input must be a float32, float16, bfloat16 or float64 tensor, got ", py_dtype(dt));
   TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2,
                     "bce_with_logits: reduction must be 0 ('none'), 1 ('mean') or 2 ('sum'), got ", reduction);
-  if (target.has_value() && target->defined()) {
+  if (has_tensor(target)) {
     const at::Tensor& t = *target;
     TORCH_CHECK_VALUE(t.sizes() == input.sizes(), "Target size (", sizes_str(t.sizes()),
                       ") must be the same as input size (", sizes_str(input.sizes()), ")");
@@ -44,7 +45,7 @@ void check_args(const at::Tensor& input, const std::optional<at::Tensor>& target
   const char* names[2] = {"weight", "pos_weight"};
   const std::optional<at::Tensor>* ts[2] = {&weight, &pos_weight};
   for (int i = 0; i < 2; ++i) {
-    if (!ts[i]->has_value() || !(*ts[i])->defined()) continue;
+    if (!has_tensor(*ts[i])) continue;
     const at::Tensor& w = **ts[i];
     TORCH_CHECK(at::isFloatingType(w.scalar_type()), "bce_with_logits: ", names[i],
                 " must be a floating-point tensor, got ", py_dtype(w.scalar_type()));
@@ -64,12 +65,12 @@ void check_bwd_args(const at::Tensor& grad_out, const at::Tensor& input, const s
   TORCH_CHECK(reduction == kNone ? at::is_expandable_to(grad_out.sizes(), input.sizes()) : grad_out.numel() == 1,
               "bce_with_logits backward: grad_out has shape ", grad_out.sizes(), ", expected ",
               reduction == kNone ? "the input's shape" : "a single element");
-  TORCH_CHECK(!need_target || (target.has_value() && target->defined()),
+  TORCH_CHECK(!need_target || has_tensor(target),
               "bce_with_logits backward: need_target=True requires a target tensor");
 }
 
 static at::Tensor prep_weight(const std::optional<at::Tensor>& w, const at::Tensor& input, at::ScalarType acc) {
-  if (!w.has_value() || !w->defined()) return at::Tensor();
+  if (!has_tensor(w)) return at::Tensor();
   at::Tensor a = w->to(acc);
   if (a.numel() == 1) return a.reshape({});
   if (a.sizes() == input.sizes()) return a.contiguous();
@@ -81,7 +82,7 @@ Operands prepare(const at::Tensor& input, const std::optional<at::Tensor>& targe
   const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Operands o;
   o.x = input.contiguous();
-  if (target.has_value() && target->defined()) o.t = target->contiguous();
+  if (has_tensor(target)) o.t = target->contiguous();
   o.w = prep_weight(weight, input, acc);
   o.pw = prep_weight(pos_weight, input, acc);
   return o;
@@ -94,11 +95,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-std::optional<at::Tensor> to_opt(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-}
-at::Tensor opt(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
-
 using FwdSig = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, double,
                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t);
 using BwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
@@ -106,14 +102,23 @@ using BwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::T
                                                   const std::optional<at::Tensor>&,
                                                   const std::optional<at::Tensor>&, int64_t, bool);
 
+// The implementations of the internal ops: an overload name of _bce_with_logits_fwd / _bwd.  The
+// public op's kernels below are templates on it, so the checks and the autograd exist once.
+struct Native { static constexpr const char* overload = ""; };        // csrc/cpu, csrc/cuda
+struct Triton { static constexpr const char* overload = "triton"; };  // gankern/ops/bce.py
+
+template <class Impl>
 const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
-  static auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("gankern::_bce_with_logits_fwd", "").typed<FwdSig>();
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("gankern::_bce_with_logits_fwd", Impl::overload)
+                             .template typed<FwdSig>();
   return op;
 }
+template <class Impl>
 const c10::TypedOperatorHandle<BwdSig>& bwd_op() {
-  static auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("gankern::_bce_with_logits_bwd", "").typed<BwdSig>();
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("gankern::_bce_with_logits_bwd", Impl::overload)
+                             .template typed<BwdSig>();
   return op;
 }
 
@@ -139,14 +144,15 @@ std::tuple<at::Tensor, at::Tensor> backward_differentiable(const at::Tensor& go,
   return {gx, gt};
 }
 
-struct BceFn : public torch::autograd::Function<BceFn> {
+template <class Impl>
+struct BceFn : public torch::autograd::Function<BceFn<Impl>> {
   // Optional tensors stay std::optional: torch::autograd::Function::apply cannot take undefined at::Tensor inputs.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const std::optional<at::Tensor>& target,
                             double target_scalar, const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor out = fwd_op().call(input, target, target_scalar, weight, pos_weight, reduction);
-    ctx->save_for_backward({input, opt(target), opt(weight), opt(pos_weight)});
+    at::Tensor out = fwd_op<Impl>().call(input, target, target_scalar, weight, pos_weight, reduction);
+    ctx->save_for_backward({input, opt_tensor(target), opt_tensor(weight), opt_tensor(pos_weight)});
     ctx->saved_data["ts"] = target_scalar;
     ctx->saved_data["red"] = reduction;
     return out;
@@ -166,7 +172,8 @@ struct BceFn : public torch::autograd::Function<BceFn> {
     if (at::GradMode::is_enabled()) {
       std::tie(gx, gt) = backward_differentiable(go, x, t, ts, w, pw, red, need_x, need_t);
     } else {
-      std::tie(gx, gt) = bwd_op().call(go, x, to_opt(t), ts, to_opt(w), to_opt(pw), red, need_t);
+      std::tie(gx, gt) =
+          bwd_op<Impl>().call(go, x, to_optional(t), ts, to_optional(w), to_optional(pw), red, need_t);
     }
     out[0] = need_x ? gx : at::Tensor();
     out[1] = need_t ? gt : at::Tensor();
@@ -174,6 +181,7 @@ struct BceFn : public torch::autograd::Function<BceFn> {
   }
 };
 
+template <class Impl>
 at::Tensor bce_autograd(const at::Tensor& input, const std::optional<at::Tensor>& target, double target_scalar,
                         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
                         int64_t reduction) {
@@ -181,49 +189,68 @@ at::Tensor bce_autograd(const at::Tensor& input, const std::optional<at::Tensor>
   // another device (say `meta`) it would pick that device's kernel (a fake one for meta) and
   // return uninitialised memory instead of an error.
   bce::check_args(input, target, target_scalar, weight, pos_weight, reduction);
-  const bool t_def = target.has_value() && target->defined();
   if (at::GradMode::is_enabled()) {
     // As torch: weight / pos_weight are not differentiable.
-    TORCH_CHECK(!(weight.has_value() && weight->defined() && weight->requires_grad()),
+    TORCH_CHECK(!(has_tensor(weight) && weight->requires_grad()),
                 "The function 'binary_cross_entropy_with_logits' is not differentiable with respect to argument "
                 "'weight'. This input cannot have requires_grad True.");
-    TORCH_CHECK(!(pos_weight.has_value() && pos_weight->defined() && pos_weight->requires_grad()),
+    TORCH_CHECK(!(has_tensor(pos_weight) && pos_weight->requires_grad()),
                 "The function 'binary_cross_entropy_with_logits' is not differentiable with respect to argument "
                 "'pos_weight'. This input cannot have requires_grad True.");
   }
-  if (!at::GradMode::is_enabled() || !(input.requires_grad() || (t_def && target->requires_grad()))) {
+  if (!at::GradMode::is_enabled() || !(input.requires_grad() || (has_tensor(target) && target->requires_grad()))) {
     at::AutoDispatchBelowADInplaceOrView guard;  // nothing to record: skip the autograd Function
-    return fwd_op().call(input, target, target_scalar, weight, pos_weight, reduction);
+    return fwd_op<Impl>().call(input, target, target_scalar, weight, pos_weight, reduction);
   }
-  return BceFn::apply(input, target, target_scalar, weight, pos_weight, reduction);
+  return BceFn<Impl>::apply(input, target, target_scalar, weight, pos_weight, reduction);
 }
 
+template <class Impl>
 at::Tensor bce_noautograd(const at::Tensor& input, const std::optional<at::Tensor>& target, double target_scalar,
                           const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
                           int64_t reduction) {
   bce::check_args(input, target, target_scalar, weight, pos_weight, reduction);  // see bce_autograd
-  return fwd_op().call(input, target, target_scalar, weight, pos_weight, reduction);
+  return fwd_op<Impl>().call(input, target, target_scalar, weight, pos_weight, reduction);
+}
+
+// _bce_with_logits_check: the checks alone (the reference backend runs them: one contract for every backend)
+void bce_check(const at::Tensor& input, const std::optional<at::Tensor>& target, double target_scalar,
+               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
+               int64_t reduction) {
+  bce::check_args(input, target, target_scalar, weight, pos_weight, reduction);
 }
 
 }  // namespace
 }  // namespace gankern
 
 TORCH_LIBRARY_FRAGMENT(gankern, m) {
+  // Every op twice: the default overload runs the C++/CUDA kernels, `.triton` the Triton kernels
+  // (registered from gankern/ops/bce.py); same schema, same checks and autograd.
   // target: a tensor of the input's shape and dtype, or None and then target_scalar is the target
   // of every element.  reduction: 0 none, 1 mean, 2 sum (at::Reduction).
-  m.def("bce_with_logits(Tensor input, Tensor? target, float target_scalar, Tensor? weight, Tensor? pos_weight, "
-        "int reduction) -> Tensor");
-  m.def("_bce_with_logits_fwd(Tensor input, Tensor? target, float target_scalar, Tensor? weight, "
-        "Tensor? pos_weight, int reduction) -> Tensor");
-  // -> (grad_input, grad_target); grad_target is an empty (0,) tensor unless need_target.
-  m.def("_bce_with_logits_bwd(Tensor grad_out, Tensor input, Tensor? target, float target_scalar, Tensor? weight, "
-        "Tensor? pos_weight, int reduction, bool need_target) -> (Tensor, Tensor)");
+  constexpr const char* args = "(Tensor input, Tensor? target, float target_scalar, Tensor? weight, "
+                               "Tensor? pos_weight, int reduction)";
+  for (const char* ov : {"", ".triton"}) {
+    auto def = [&](const char* name, const std::string& sig) { m.def((name + std::string(ov) + sig).c_str()); };
+    def("bce_with_logits", std::string(args) + " -> Tensor");
+    def("_bce_with_logits_fwd", std::string(args) + " -> Tensor");
+    // -> (grad_input, grad_target); grad_target is an empty (0,) tensor unless need_target.
+    def("_bce_with_logits_bwd", "(Tensor grad_out, Tensor input, Tensor? target, float target_scalar, "
+        "Tensor? weight, Tensor? pos_weight, int reduction, bool need_target) -> (Tensor, Tensor)");
+  }
+  m.def((std::string("_bce_with_logits_check") + args + " -> ()").c_str());
 }
 
 TORCH_LIBRARY_IMPL(gankern, Autograd, m) {
-  m.impl("bce_with_logits", &gankern::bce_autograd);
+  m.impl("bce_with_logits", &gankern::bce_autograd<gankern::Native>);
+  m.impl("bce_with_logits.triton", &gankern::bce_autograd<gankern::Triton>);
 }
 
 TORCH_LIBRARY_IMPL(gankern, CompositeExplicitAutograd, m) {
-  m.impl("bce_with_logits", &gankern::bce_noautograd);
+  m.impl("bce_with_logits", &gankern::bce_noautograd<gankern::Native>);
+  m.impl("bce_with_logits.triton", &gankern::bce_noautograd<gankern::Triton>);
+}
+
+TORCH_LIBRARY_IMPL(gankern, CompositeImplicitAutograd, m) {
+  m.impl("_bce_with_logits_check", &gankern::bce_check);
 }

@@ -1,4 +1,5 @@
-// gankern::bias_leaky_relu: schemas, argument checks, layout helper, C++ autograd (shared by CPU and CUDA).
+// gankern::bias_leaky_relu: schemas, argument checks, layout helper, C++ autograd (shared by CPU, CUDA and
+// Triton: the overloads default and triton of the public op and its internal ops).
 //
 //   bias_leaky_relu(input, bias (C,), slope, dim) -> leaky_relu(input + bias broadcast along dim, slope)
 //   _bias_leaky_relu_fwd(input, bias, slope, dim)                   the fused kernel (per device)
@@ -35,30 +36,29 @@ int64_t norm_dim(const at::Tensor& input, int64_t dim, const char* op) {
 }  // namespace
 
 int64_t check_args(const at::Tensor& input, const at::Tensor& bias, int64_t dim, const char* op) {
-  TORCH_CHECK(input.defined(), op, ": input must be a tensor, got None");
-  TORCH_CHECK(bias.defined(), op, ": bias must be a tensor, got None");
+  TORCH_INTERNAL_ASSERT(input.defined() && bias.defined());  // the schema has no optional tensors
   TORCH_CHECK(input.dim() >= 1, op, ": input must have at least 1 dimension (the channel dimension); got a 0-d tensor");
   TORCH_CHECK(supported_dtype(input.scalar_type()), op,
-              ": input must be float32, float64, float16 or bfloat16; got ", input.scalar_type());
+              ": input must be float32, float64, float16 or bfloat16; got ", py_dtype(input.scalar_type()));
   const int64_t d = norm_dim(input, dim, op);
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == input.size(d), op, ": bias must have shape (C,) = (", input.size(d),
               ",), the size of input dimension ", d, "; got bias shape ", bias.sizes(), " for input shape ",
               input.sizes());
-  TORCH_CHECK(bias.scalar_type() == input.scalar_type(), op, ": bias dtype ", bias.scalar_type(),
-              " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK(bias.scalar_type() == input.scalar_type(), op, ": bias dtype ", py_dtype(bias.scalar_type()),
+              " does not match input dtype ", py_dtype(input.scalar_type()));
   TORCH_CHECK(bias.device() == input.device(), op, ": bias is on ", bias.device(), " but input is on ",
               input.device(), " (expected the same device)");
   return d;
 }
 
 int64_t check_bwd_args(const at::Tensor& grad_output, const at::Tensor& saved, int64_t dim, const char* op) {
-  TORCH_CHECK(saved.defined() && saved.dim() >= 1, op, ": saved output must be a tensor with at least 1 dimension");
+  TORCH_INTERNAL_ASSERT(saved.defined() && grad_output.defined());
+  TORCH_CHECK(saved.dim() >= 1, op, ": saved output must be a tensor with at least 1 dimension");
   TORCH_CHECK(supported_dtype(saved.scalar_type()), op,
               ": saved output must be float32, float64, float16 or bfloat16; got ", saved.scalar_type());
   const int64_t d = norm_dim(saved, dim, op);
-  TORCH_CHECK(grad_output.defined() && grad_output.sizes() == saved.sizes(), op, ": grad_output must have shape ",
-              saved.sizes(), " (the output's); got ",
-              grad_output.defined() ? grad_output.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(grad_output.sizes() == saved.sizes(), op, ": grad_output must have shape ", saved.sizes(),
+              " (the output's); got ", grad_output.sizes());
   TORCH_CHECK(grad_output.scalar_type() == saved.scalar_type(), op, ": grad_output dtype ",
               grad_output.scalar_type(), " does not match the output dtype ", saved.scalar_type());
   TORCH_CHECK(grad_output.device() == saved.device(), op, ": grad_output is on ", grad_output.device(),
@@ -108,20 +108,29 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-at::Tensor call_fwd(const at::Tensor& input, const at::Tensor& bias, double slope, int64_t dim) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("gankern::_bias_leaky_relu_fwd", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, int64_t)>();
-  return op.call(input, bias, slope, dim);
+using FwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, double, int64_t);
+using BwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double, int64_t,
+                                                  std::array<bool, 2>);
+
+// The implementations of the internal ops: an overload name of _bias_leaky_relu_fwd / _bwd.  The
+// public op's kernels below are templates on it, so the checks and the autograd exist once.
+struct Native { static constexpr const char* overload = ""; };        // csrc/cpu, csrc/cuda
+struct Triton { static constexpr const char* overload = "triton"; };  // gankern/ops/bias_leaky_relu.py
+
+template <class Impl>
+const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("gankern::_bias_leaky_relu_fwd", Impl::overload)
+                             .template typed<FwdSig>();
+  return op;
 }
 
-std::tuple<at::Tensor, at::Tensor> call_bwd(const at::Tensor& g, const at::Tensor& y, double slope, int64_t dim,
-                                            std::array<bool, 2> mask) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("gankern::_bias_leaky_relu_bwd", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double,
-                                                                 int64_t, std::array<bool, 2>)>();
-  return op.call(g, y, slope, dim, mask);
+template <class Impl>
+const c10::TypedOperatorHandle<BwdSig>& bwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("gankern::_bias_leaky_relu_bwd", Impl::overload)
+                             .template typed<BwdSig>();
+  return op;
 }
 
 std::vector<int64_t> other_dims(int64_t n, int64_t dim) {
@@ -131,13 +140,14 @@ std::vector<int64_t> other_dims(int64_t n, int64_t dim) {
   return r;
 }
 
-struct BiasLeakyReLUFn : public torch::autograd::Function<BiasLeakyReLUFn> {
+template <class Impl>
+struct BiasLeakyReLUFn : public torch::autograd::Function<BiasLeakyReLUFn<Impl>> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& bias, double slope,
                             int64_t dim) {
     at::Tensor y;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      y = call_fwd(input, bias, slope, dim);
+      y = fwd_op<Impl>().call(input, bias, slope, dim);
     }
     ctx->save_for_backward({y});
     ctx->saved_data["slope"] = slope;
@@ -156,27 +166,35 @@ struct BiasLeakyReLUFn : public torch::autograd::Function<BiasLeakyReLUFn> {
         // create_graph=True: differentiable ATen ops (see the header comment)
         gx = slope == 1.0 ? g : at::leaky_relu_backward(g, y, slope, /*self_is_result=*/true);
         if (nb) gb = y.dim() == 1 ? gx : gx.sum(other_dims(y.dim(), dim));
-        if (!nx) gx = at::Tensor();
       } else {
-        std::tie(gx, gb) = call_bwd(g, y, slope, dim, {nx, nb});
+        std::tie(gx, gb) = bwd_op<Impl>().call(g, y, slope, dim, {nx, nb});
       }
     }
-    return {gx, gb, at::Tensor(), at::Tensor()};
+    // an output that was not asked for may come back as an empty placeholder
+    return {nx ? gx : at::Tensor(), nb ? gb : at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 const char* kOp = "gankern.bias_leaky_relu";
 
+template <class Impl>
 at::Tensor bact_autograd(const at::Tensor& input, const at::Tensor& bias, double slope, int64_t dim) {
+  // checked before any internal op: a tensor on another device (say `meta`) would pick that device's kernel
   const int64_t d = check_args(input, bias, dim, kOp);
-  if (slope >= 0) return BiasLeakyReLUFn::apply(input, bias, slope, d);
+  if (slope >= 0) return BiasLeakyReLUFn<Impl>::apply(input, bias, slope, d);
   // negative (or NaN) slope: the output's sign no longer tells the pre-activation's sign
-  return at::leaky_relu(BiasLeakyReLUFn::apply(input, bias, 1.0, d), slope);
+  return at::leaky_relu(BiasLeakyReLUFn<Impl>::apply(input, bias, 1.0, d), slope);
 }
 
+template <class Impl>
 at::Tensor bact_composite(const at::Tensor& input, const at::Tensor& bias, double slope, int64_t dim) {
   const int64_t d = check_args(input, bias, dim, kOp);
-  return call_fwd(input, bias, slope, d);
+  return fwd_op<Impl>().call(input, bias, slope, d);
+}
+
+// _bias_leaky_relu_check: the checks alone (the reference backend runs them, so every backend has one contract)
+void bact_check(const at::Tensor& input, const at::Tensor& bias, double /*slope*/, int64_t dim) {
+  check_args(input, bias, dim, kOp);
 }
 
 }  // namespace
@@ -184,16 +202,28 @@ at::Tensor bact_composite(const at::Tensor& input, const at::Tensor& bias, doubl
 }  // namespace gankern
 
 TORCH_LIBRARY_FRAGMENT(gankern, m) {
-  m.def("bias_leaky_relu(Tensor input, Tensor bias, float negative_slope=0.2, int dim=1) -> Tensor");
-  m.def("_bias_leaky_relu_fwd(Tensor input, Tensor bias, float negative_slope, int dim) -> Tensor");
-  m.def("_bias_leaky_relu_bwd(Tensor grad_output, Tensor saved, float negative_slope, int dim, "
+  // Every op twice: the default overload runs the C++/CUDA kernels, `.triton` the Triton kernels
+  // (registered from gankern/ops/bias_leaky_relu.py); same schema, same checks and autograd.
+  for (const char* ov : {"", ".triton"}) {
+    auto def = [&](const char* name, const char* sig) { m.def((name + std::string(ov) + sig).c_str()); };
+    def("bias_leaky_relu", "(Tensor input, Tensor bias, float negative_slope=0.2, int dim=1) -> Tensor");
+    def("_bias_leaky_relu_fwd", "(Tensor input, Tensor bias, float negative_slope, int dim) -> Tensor");
+    def("_bias_leaky_relu_bwd", "(Tensor grad_output, Tensor saved, float negative_slope, int dim, "
         "bool[2] output_mask) -> (Tensor, Tensor)");
+  }
+  m.def("_bias_leaky_relu_check(Tensor input, Tensor bias, float negative_slope=0.2, int dim=1) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gankern, Autograd, m) {
-  m.impl("bias_leaky_relu", &gankern::bact::bact_autograd);
+  m.impl("bias_leaky_relu", &gankern::bact::bact_autograd<gankern::bact::Native>);
+  m.impl("bias_leaky_relu.triton", &gankern::bact::bact_autograd<gankern::bact::Triton>);
 }
 
 TORCH_LIBRARY_IMPL(gankern, CompositeExplicitAutograd, m) {
-  m.impl("bias_leaky_relu", &gankern::bact::bact_composite);
+  m.impl("bias_leaky_relu", &gankern::bact::bact_composite<gankern::bact::Native>);
+  m.impl("bias_leaky_relu.triton", &gankern::bact::bact_composite<gankern::bact::Triton>);
+}
+
+TORCH_LIBRARY_IMPL(gankern, CompositeImplicitAutograd, m) {
+  m.impl("_bias_leaky_relu_check", &gankern::bact::bact_check);
 }

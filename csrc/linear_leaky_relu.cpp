@@ -1,4 +1,5 @@
-// gankern::linear_leaky_relu: schemas, argument checks, C++ autograd (shared by CPU and CUDA).
+// gankern::linear_leaky_relu: schemas, argument checks, C++ autograd (shared by CPU, CUDA and Triton: the
+// overloads default and triton of the public op and its internal ops).
 //
 //   linear_leaky_relu(input (*, K), weight (N, K), bias (N,)?, slope) -> (*, N)
 //   _linear_leaky_relu_fwd(...)                        the fused kernel (per device)
@@ -27,8 +28,7 @@ bool supported_dtype(at::ScalarType t) {
 }  // namespace
 
 void check_args(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, const char* op) {
-  TORCH_CHECK(input.defined(), op, ": input must be a tensor, got None");
-  TORCH_CHECK(weight.defined(), op, ": weight must be a tensor, got None");
+  TORCH_INTERNAL_ASSERT(input.defined() && weight.defined());  // non-optional Tensors of the schema
   TORCH_CHECK(input.dim() >= 1, op, ": input must have shape (*, in_features) with at least 1 dimension; got a 0-d tensor");
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features); got shape ", weight.sizes());
   TORCH_CHECK(supported_dtype(input.scalar_type()), op,
@@ -54,14 +54,14 @@ void check_bwd_args(const at::Tensor& grad_output, const at::Tensor& saved, cons
   check_args(input, weight, at::Tensor(), op);
   auto expect = input.sizes().vec();
   expect.back() = weight.size(0);
-  TORCH_CHECK(grad_output.defined() && grad_output.sizes() == at::IntArrayRef(expect), op,
-              ": grad_output must have shape ", at::IntArrayRef(expect), "; got ",
-              grad_output.defined() ? grad_output.sizes() : at::IntArrayRef{});
-  TORCH_CHECK(saved.defined() && saved.sizes() == at::IntArrayRef(expect), op, ": saved output must have shape ",
+  TORCH_INTERNAL_ASSERT(grad_output.defined() && saved.defined());
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(expect), op, ": grad_output must have shape ",
+              at::IntArrayRef(expect), "; got ", grad_output.sizes());
+  TORCH_CHECK(saved.sizes() == at::IntArrayRef(expect), op, ": saved output must have shape ",
               at::IntArrayRef(expect));
   for (const at::Tensor* t : {&grad_output, &saved}) {
-    TORCH_CHECK(t->scalar_type() == input.scalar_type(), op, ": grad_output/saved dtype ", t->scalar_type(),
-                " does not match input dtype ", input.scalar_type());
+    TORCH_CHECK(t->scalar_type() == input.scalar_type(), op, ": grad_output/saved dtype ",
+                py_dtype(t->scalar_type()), " does not match input dtype ", py_dtype(input.scalar_type()));
     TORCH_CHECK(t->device() == input.device(), op, ": grad_output/saved on ", t->device(), ", input on ", input.device());
   }
 }
@@ -71,26 +71,34 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-at::Tensor call_fwd(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                    double slope) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("gankern::_linear_leaky_relu_fwd", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double)>();
-  return op.call(input, weight, bias, slope);
+using FwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double);
+using BwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                              const at::Tensor&, double, std::array<bool, 3>);
+
+// The implementations of the internal ops: an overload name of _linear_leaky_relu_fwd / _bwd.  The
+// public op's kernels below are templates on it, so the checks and the autograd exist once.
+struct Native { static constexpr const char* overload = ""; };        // csrc/cpu, csrc/cuda
+struct Triton { static constexpr const char* overload = "triton"; };  // gankern/ops/linear_leaky_relu.py
+
+template <class Impl>
+const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("gankern::_linear_leaky_relu_fwd", Impl::overload)
+                             .template typed<FwdSig>();
+  return op;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> call_bwd(const at::Tensor& g, const at::Tensor& s, const at::Tensor& x,
-                                                        const at::Tensor& w, double slope, std::array<bool, 3> mask) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("gankern::_linear_leaky_relu_bwd", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                           std::array<bool, 3>)>();
-  return op.call(g, s, x, w, slope, mask);
+template <class Impl>
+const c10::TypedOperatorHandle<BwdSig>& bwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("gankern::_linear_leaky_relu_bwd", Impl::overload)
+                             .template typed<BwdSig>();
+  return op;
 }
 
 // y = leaky_relu(input @ weight^T + bias, slope) for slope >= 0 (see the header comment).
 // The shared backward; `nb` = bias gradient wanted.
+template <class Impl>
 variable_list llr_backward(AutogradContext* ctx, const at::Tensor& g, bool nx, bool nw, bool nb) {
   auto saved = ctx->get_saved_variables();
   const at::Tensor& x = saved[0];
@@ -116,65 +124,78 @@ variable_list llr_backward(AutogradContext* ctx, const at::Tensor& g, bool nx, b
     if (nw) gw = dz.t().mm(x.reshape({M, K}));
     if (nb) gb = dz.sum(0);
   } else {
-    std::tie(gx, gw, gb) = call_bwd(g, y, x, w, slope, {nx, nw, nb});
+    std::tie(gx, gw, gb) = bwd_op<Impl>().call(g, y, x, w, slope, {nx, nw, nb});
   }
-  return {gx, gw, gb};
+  return {nx ? gx : at::Tensor(), nw ? gw : at::Tensor(), nb ? gb : at::Tensor()};
 }
 
+template <class Impl>
 at::Tensor llr_forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, double slope) {
   at::Tensor y;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    y = call_fwd(input, weight, bias, slope);
+    y = fwd_op<Impl>().call(input, weight, bias, slope);
   }
   ctx->save_for_backward({input, weight, y});
   ctx->saved_data["slope"] = slope;
   return y;
 }
 
-struct LinearLeakyReLUFn : public torch::autograd::Function<LinearLeakyReLUFn> {
+template <class Impl>
+struct LinearLeakyReLUFn : public torch::autograd::Function<LinearLeakyReLUFn<Impl>> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
                             const at::Tensor& bias, double slope) {
-    return llr_forward(ctx, input, weight, bias, slope);
+    return llr_forward<Impl>(ctx, input, weight, bias, slope);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto r = llr_backward(ctx, grads[0], ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2));
+    auto r = llr_backward<Impl>(ctx, grads[0], ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                ctx->needs_input_grad(2));
     return {r[0], r[1], r[2], at::Tensor()};
   }
 };
 
-struct LinearLeakyReLUNoBiasFn : public torch::autograd::Function<LinearLeakyReLUNoBiasFn> {
+template <class Impl>
+struct LinearLeakyReLUNoBiasFn : public torch::autograd::Function<LinearLeakyReLUNoBiasFn<Impl>> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight, double slope) {
-    return llr_forward(ctx, input, weight, std::nullopt, slope);
+    return llr_forward<Impl>(ctx, input, weight, std::nullopt, slope);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto r = llr_backward(ctx, grads[0], ctx->needs_input_grad(0), ctx->needs_input_grad(1), false);
+    auto r = llr_backward<Impl>(ctx, grads[0], ctx->needs_input_grad(0), ctx->needs_input_grad(1), false);
     return {r[0], r[1], at::Tensor()};
   }
 };
 
+template <class Impl>
 at::Tensor apply_fn(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                     double slope) {
-  if (bias.has_value() && bias->defined()) return LinearLeakyReLUFn::apply(input, weight, *bias, slope);
-  return LinearLeakyReLUNoBiasFn::apply(input, weight, slope);
+  if (has_tensor(bias)) return LinearLeakyReLUFn<Impl>::apply(input, weight, *bias, slope);
+  return LinearLeakyReLUNoBiasFn<Impl>::apply(input, weight, slope);
 }
 
 const char* kOp = "gankern.linear_leaky_relu";
 
+template <class Impl>
 at::Tensor llr_autograd(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         double slope) {
-  const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
-  check_args(input, weight, b, kOp);
-  if (slope >= 0) return apply_fn(input, weight, bias, slope);
+  // checked before any internal op: a tensor on another device (say `meta`) would pick that device's kernel
+  check_args(input, weight, opt_tensor(bias), kOp);
+  if (slope >= 0) return apply_fn<Impl>(input, weight, bias, slope);
   // negative (or NaN) slope: the output's sign no longer tells the pre-activation's sign.
-  return at::leaky_relu(apply_fn(input, weight, bias, 1.0), slope);
+  return at::leaky_relu(apply_fn<Impl>(input, weight, bias, 1.0), slope);
 }
 
+template <class Impl>
 at::Tensor llr_composite(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          double slope) {
-  check_args(input, weight, bias.has_value() ? *bias : at::Tensor(), kOp);
-  return call_fwd(input, weight, bias, slope);
+  check_args(input, weight, opt_tensor(bias), kOp);
+  return fwd_op<Impl>().call(input, weight, bias, slope);
+}
+
+// _linear_leaky_relu_check: the checks alone (the reference backend runs them: one contract for every backend)
+void llr_check(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+               double /*slope*/) {
+  check_args(input, weight, opt_tensor(bias), kOp);
 }
 
 }  // namespace
@@ -182,16 +203,28 @@ at::Tensor llr_composite(const at::Tensor& input, const at::Tensor& weight, cons
 }  // namespace gankern
 
 TORCH_LIBRARY_FRAGMENT(gankern, m) {
-  m.def("linear_leaky_relu(Tensor input, Tensor weight, Tensor? bias=None, float negative_slope=0.2) -> Tensor");
-  m.def("_linear_leaky_relu_fwd(Tensor input, Tensor weight, Tensor? bias, float negative_slope) -> Tensor");
-  m.def("_linear_leaky_relu_bwd(Tensor grad_output, Tensor saved, Tensor input, Tensor weight, float negative_slope, "
-        "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Every op twice: the default overload runs the C++/CUDA kernels, `.triton` the Triton kernels
+  // (registered from gankern/ops/linear_leaky_relu.py); same schema, same checks and autograd.
+  for (const char* ov : {"", ".triton"}) {
+    auto def = [&](const char* name, const char* sig) { m.def((name + std::string(ov) + sig).c_str()); };
+    def("linear_leaky_relu", "(Tensor input, Tensor weight, Tensor? bias=None, float negative_slope=0.2) -> Tensor");
+    def("_linear_leaky_relu_fwd", "(Tensor input, Tensor weight, Tensor? bias, float negative_slope) -> Tensor");
+    def("_linear_leaky_relu_bwd", "(Tensor grad_output, Tensor saved, Tensor input, Tensor weight, "
+        "float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  }
+  m.def("_linear_leaky_relu_check(Tensor input, Tensor weight, Tensor? bias=None, float negative_slope=0.2) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gankern, Autograd, m) {
-  m.impl("linear_leaky_relu", &gankern::llr::llr_autograd);
+  m.impl("linear_leaky_relu", &gankern::llr::llr_autograd<gankern::llr::Native>);
+  m.impl("linear_leaky_relu.triton", &gankern::llr::llr_autograd<gankern::llr::Triton>);
 }
 
 TORCH_LIBRARY_IMPL(gankern, CompositeExplicitAutograd, m) {
-  m.impl("linear_leaky_relu", &gankern::llr::llr_composite);
+  m.impl("linear_leaky_relu", &gankern::llr::llr_composite<gankern::llr::Native>);
+  m.impl("linear_leaky_relu.triton", &gankern::llr::llr_composite<gankern::llr::Triton>);
+}
+
+TORCH_LIBRARY_IMPL(gankern, CompositeImplicitAutograd, m) {
+  m.impl("_linear_leaky_relu_check", &gankern::llr::llr_check);
 }

@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 from ._backends import BackendUnavailableError, backends, cache_info, empty_cache
 from ._backends import load_extension as _load_extension
 
-_load_extension()  # registers the compiled ops if the extension is built (no compilation here)
+_load_extension()  # registers the compiled ops if the extension is built (no compilation here); the ops
+# modules below look their overloads up and register the Triton kernels as the `.triton` ones
 
 from .ops.bce import bce_with_logits  # noqa: E402
 from .ops.batch_norm_relu import batch_norm_leaky_relu, batch_norm_relu  # noqa: E402
@@ -29,8 +30,8 @@ def _warn_if_missing():
     import warnings
     from ._backends import _ext_error
     if _ext_error is not None:
-        warnings.warn(f"gankern: {_ext_error}. The 'reference' (and 'triton', where it can run) "
-                      "backends are used instead; see gankern.backends().", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"gankern: {_ext_error}. The 'reference' backend is used instead (the 'triton' one runs "
+                      "through the compiled ops too); see gankern.backends().", RuntimeWarning, stacklevel=3)
 
 
 _warn_if_missing()

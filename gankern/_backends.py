@@ -71,7 +71,9 @@ def _reasons() -> dict:
         out["cuda"] = "no CUDA device is visible (torch.cuda.is_available() is False)"
     else:
         out["cuda"] = None
-    if importlib.util.find_spec("triton") is None:
+    if ext is None:  # the Triton kernels are an overload of the C++ ops (their checks and autograd)
+        out["triton"] = f"the Triton backend runs through the C++ ops of gankern._C, and {_ext_error}"
+    elif importlib.util.find_spec("triton") is None:
         out["triton"] = "the triton package is not installed (pip install triton)"
     elif torch.cuda.is_available():
         out["triton"] = None
@@ -139,6 +141,17 @@ def _resolve_uncached(backend: str, device_type: str) -> str:
     return backend
 
 
+# What a backend cannot do: the one table of these limits, checked by ``check_supported``.
+_NO_FLOAT64 = {("triton", "bce_with_logits"), ("triton", "batch_norm_relu")}
+
+
+def check_supported(backend: str, op: str, input: torch.Tensor) -> None:
+    """Raise one clear error when ``backend`` cannot run ``op`` on ``input``'s dtype."""
+    if input.dtype == torch.float64 and (backend, op) in _NO_FLOAT64:
+        raise RuntimeError(f"{op}: backend {backend!r} supports float32, float16 and bfloat16 inputs, got float64 "
+                           "(use backend='cpp', 'cuda' or 'reference')")
+
+
 def select(backend: str | None, tensor: torch.Tensor) -> str:
     """The backend a call runs on: cheap (cached per (request, device type))."""
     return _resolve(_DEFAULT if backend is None else backend, tensor.device.type)
@@ -199,7 +212,7 @@ def cache_info() -> dict:
     return {"cached_bytes": cached, "capacity_bytes": cap, "hits": hits, "misses": misses}
 
 
-def new_empty(shape, *, dtype, device, like: torch.Tensor | None = None) -> torch.Tensor:
+def new_empty(shape, *, dtype, device) -> torch.Tensor:
     """torch.empty for kernel outputs (Triton launchers); NaN-filled when poisoning is on."""
     t = torch.empty(shape, dtype=dtype, device=device)
     if POISON and t.numel():

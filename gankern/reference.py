@@ -1,6 +1,7 @@
 """Each op in plain PyTorch: the ``reference`` backend, and the ground truth the tests
 compare against (run in float64).  Any device, any dtype, autograd (incl. double
-backward) from PyTorch itself."""
+backward) from PyTorch itself.  No argument checks here: the ``reference`` backend
+(gankern/ops/<op>.py) runs the op's C++ checks (``gankern::_<op>_check``) first."""
 from __future__ import annotations
 
 import torch
@@ -45,8 +46,6 @@ def linear_leaky_relu(input, weight, bias=None, negative_slope=0.2):
 
 def bias_leaky_relu(input, bias, negative_slope=0.2, dim=1):
     """leaky_relu(input + bias broadcast along dim, negative_slope)."""
-    from .ops.bias_leaky_relu import _check
-    d = _check(input, bias, dim)
     shape = [1] * input.dim()
-    shape[d] = -1
+    shape[dim] = -1
     return F.leaky_relu(input + bias.view(shape), negative_slope)

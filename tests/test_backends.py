@@ -41,3 +41,26 @@ def test_select_caches_and_reset_forgets(cold_cache, monkeypatch):
     assert not _backends._resolved and _backends.select(None, x) == "reference"
     with pytest.raises(ValueError, match="backend must be one of"):
         _backends.select("nope", x)
+
+
+def test_triton_needs_the_extension(cold_cache, monkeypatch):
+    """The Triton kernels are the `.triton` overload of the C++ ops: without gankern._C only reference runs."""
+    monkeypatch.setattr(_backends, "_ext", None)
+    monkeypatch.setattr(_backends, "_ext_tried", True)
+    monkeypatch.setattr(_backends, "_ext_error", "the compiled extension gankern._C could not be imported (test)")
+    got = gankern.backends()
+    assert not got["triton"]["available"] and "C++ ops of gankern._C" in got["triton"]["reason"]
+    assert not got["cpp"]["available"] and got["reference"]["available"]
+    with pytest.raises(gankern.BackendUnavailableError, match="gankern._C"):
+        _backends.select("triton", torch.zeros(1))
+
+
+@pytest.mark.parametrize("op", ["bce_with_logits", "batch_norm_relu"])
+def test_backend_limits_in_one_place(op):
+    x64 = torch.zeros(1, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=f"{op}: backend 'triton' supports float32, float16 and bfloat16 inputs, "
+                                           "got float64"):
+        _backends.check_supported("triton", op, x64)
+    for backend in ("cpp", "cuda", "reference"):
+        _backends.check_supported(backend, op, x64)
+    _backends.check_supported("triton", op, x64.float())

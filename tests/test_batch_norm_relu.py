@@ -256,31 +256,23 @@ def _opcheck_args(training, with_stats=True, affine=True):
     return x, rm, rv, w, b, training, 0.1, 1e-5
 
 
-@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="compiled extension not built")
+OVERLOADS = (["default"] if "cpp" in CPU_BACKENDS else []) + (["triton"] if "triton" in CPU_BACKENDS else [])
+
+
+@pytest.mark.parametrize("overload", OVERLOADS)
 @pytest.mark.parametrize("slope", SLOPES)
 @pytest.mark.parametrize("training,with_stats,affine", [(True, True, True), (False, True, True), (True, False, False)])
-def test_opcheck_cpp(training, with_stats, affine, slope):
+def test_opcheck(overload, training, with_stats, affine, slope):
+    """The public op and its internal ops, overload ``default`` (C++ kernels) or ``triton`` (Triton kernels)."""
     args = _opcheck_args(training, with_stats, affine)
-    torch.library.opcheck(torch.ops.gankern.batch_norm_relu.default, (*args, slope))
+    torch.library.opcheck(getattr(torch.ops.gankern.batch_norm_relu, overload), (*args, slope))
     x, rm, rv, w, b = args[:5]
     det = [None if t is None else t.detach() for t in (x, rm, rv, w, b)]
-    torch.library.opcheck(torch.ops.gankern._batch_norm_relu_fwd.default, (*det, training, 0.1, 1e-5, slope))
-    y, mean, invstd = torch.ops.gankern._batch_norm_relu_fwd(*det, training, 0.1, 1e-5, slope)
-    torch.library.opcheck(torch.ops.gankern._batch_norm_relu_bwd.default,
+    fwd = getattr(torch.ops.gankern._batch_norm_relu_fwd, overload)
+    torch.library.opcheck(fwd, (*det, training, 0.1, 1e-5, slope))
+    y, mean, invstd = fwd(*det, training, 0.1, 1e-5, slope)
+    torch.library.opcheck(getattr(torch.ops.gankern._batch_norm_relu_bwd, overload),
                           (torch.randn_like(y), det[0], det[3], det[4], mean, invstd, training, slope))
-
-
-@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton not available")
-@pytest.mark.parametrize("slope", SLOPES)
-@pytest.mark.parametrize("training", [True, False])
-def test_opcheck_triton(training, slope):
-    args = _opcheck_args(training)
-    torch.library.opcheck(torch.ops.gankern._batch_norm_relu_triton_fwd.default, (*args, slope))
-    x, rm, rv, w, b = [t.detach() for t in args[:5]]
-    y, mean, invstd, _, _ = torch.ops.gankern._batch_norm_relu_triton_fwd(x, rm, rv, w, b, training, 0.1, 1e-5,
-                                                                          slope)
-    torch.library.opcheck(torch.ops.gankern._batch_norm_relu_triton_bwd.default,
-                          (torch.randn_like(y), x, w, b, mean, invstd, training, slope))
 
 
 @pytest.mark.parametrize("slope", SLOPES)
@@ -843,22 +835,20 @@ def test_params_on_meta_or_wrong_dtype_named(backend, training):
                                               training, backend=backend)
 
 
-@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="compiled extension not built")
-def test_fake_kernels_check_dtype_and_device():
+@pytest.mark.parametrize("overload", OVERLOADS)
+def test_fake_tensors_checked(overload):
+    """Under fake tensors (torch.compile) the public op checks dtype, device and values as on real ones."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    op = getattr(torch.ops.gankern.batch_norm_relu, overload)
     with FakeTensorMode():
         x = torch.empty(4, 3)
         w64 = torch.empty(3, dtype=torch.float64)
         with pytest.raises(RuntimeError, match="weight must have the input's dtype"):
-            torch.ops.gankern._batch_norm_relu_fwd(x, None, None, w64, None, True, 0.1, 1e-5, 0.2)
+            op(x, None, None, w64, None, True, 0.1, 1e-5, 0.2)
+        with pytest.raises(RuntimeError, match="bias must have the input's dtype"):
+            op(x, None, None, None, w64, True, 0.1, 1e-5, 0.2)
         with pytest.raises(ValueError, match="negative_slope"):
-            torch.ops.gankern._batch_norm_relu_fwd(x, None, None, None, None, True, 0.1, 1e-5, -1.0)
-    if "triton" in CPU_BACKENDS:
-        with FakeTensorMode():
-            x = torch.empty(4, 3)
-            with pytest.raises(RuntimeError, match="bias must have the input's dtype"):
-                torch.ops.gankern._batch_norm_relu_triton_fwd(x, None, None, None, torch.empty(3, dtype=torch.float64),
-                                                              True, 0.1, 1e-5, 0.2)
+            op(x, None, None, None, None, True, 0.1, 1e-5, -1.0)
 
 
 @pytest.mark.parametrize("slope", SLOPES)

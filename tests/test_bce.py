@@ -273,41 +273,35 @@ def test_bad_input_errors(backend):
         bce(x, t, torch.ones(3, dtype=torch.long), backend=backend)
 
 
-def test_bad_device_error_message():
-    # No second device here: the Triton op's Python checks (the C++ ones are identical) on a meta target.
-    from gankern.ops.bce import _check_args
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bad_device_error_message(backend):
+    # No second device here: a meta target / weight (the C++ checks, on every backend that has them)
+    if backend == "reference" and not HAS_CPP:
+        pytest.skip("the reference backend runs the C++ checks (gankern._C not built)")
     with pytest.raises(RuntimeError, match="target must be on the input's device"):
-        _check_args(torch.randn(3), torch.rand(3, device="meta"), 0.0, None, None, 1)
+        gankern.bce_with_logits(torch.randn(3), torch.rand(3, device="meta"), backend=backend)
     with pytest.raises(RuntimeError, match="weight must be on the input's device"):
-        _check_args(torch.randn(3), None, 0.0, torch.rand(3, device="meta"), None, 1)
+        gankern.bce_with_logits(torch.randn(3), 1.0, torch.rand(3, device="meta"), backend=backend)
 
 
-@pytest.mark.skipif(not HAS_CPP, reason="gankern._C not built")
+OVERLOADS = (["default"] if HAS_CPP else []) + (["triton"] if HAS_TRITON else [])
+
+
+@pytest.mark.parametrize("overload", OVERLOADS)
 @pytest.mark.parametrize("target_kind", ["float", "tensor"])
 @pytest.mark.parametrize("reduction", [0, 1, 2])
-def test_opcheck_cpp(target_kind, reduction):
+def test_opcheck(overload, target_kind, reduction):
+    """The public op and its internal ops, overload ``default`` (C++ kernels) or ``triton`` (Triton kernels)."""
     x = torch.randn(6, 3, requires_grad=True)
     t = torch.rand(6, 3, requires_grad=True) if target_kind == "tensor" else None
     args = (x, t, 0.9, torch.rand(3), torch.rand(1) * 2, reduction)
-    torch.library.opcheck(torch.ops.gankern.bce_with_logits.default, args)
-    torch.library.opcheck(torch.ops.gankern._bce_with_logits_fwd.default, tuple(
+    torch.library.opcheck(getattr(torch.ops.gankern.bce_with_logits, overload), args)
+    torch.library.opcheck(getattr(torch.ops.gankern._bce_with_logits_fwd, overload), tuple(
         a.detach() if isinstance(a, torch.Tensor) else a for a in args))
     go = torch.randn(6, 3) if reduction == 0 else torch.randn(())
-    torch.library.opcheck(torch.ops.gankern._bce_with_logits_bwd.default,
+    torch.library.opcheck(getattr(torch.ops.gankern._bce_with_logits_bwd, overload),
                           (go, x.detach(), None if t is None else t.detach(), 0.9, None, torch.rand(3), reduction,
                            t is not None))
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="triton unavailable")
-@pytest.mark.parametrize("target_kind", ["float", "tensor"])
-def test_opcheck_triton(target_kind):
-    from gankern.ops import bce as ops_bce  # noqa: F401  (registers the custom ops)
-    x = torch.randn(6, 3, requires_grad=True)
-    t = torch.rand(6, 3, requires_grad=True) if target_kind == "tensor" else None
-    torch.library.opcheck(torch.ops.gankern._bce_with_logits_triton.default, (x, t, 1.0, torch.rand(3), None, 1))
-    torch.library.opcheck(torch.ops.gankern._bce_with_logits_triton_bwd.default,
-                          (torch.randn(6, 3), x.detach(), None if t is None else t.detach(), 1.0, None,
-                           torch.rand(1), 0, t is not None))
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
@@ -435,16 +429,17 @@ def test_bad_input_same_error_every_backend(i):
     assert len(set(seen.values())) == 1, seen
 
 
-@pytest.mark.skipif(not HAS_CPP, reason="gankern._C not built")
+@pytest.mark.parametrize("overload", OVERLOADS)
 @pytest.mark.parametrize("arg", ["target", "weight", "pos_weight"])
-def test_other_device_internal_op_and_fake_kernel(arg):
-    """The internal op (the dispatcher would pick the meta kernel) and the fake kernel check devices too."""
+def test_other_device_public_op_and_fake_tensors(overload, arg):
+    """The public op checks devices before it runs an internal op (the dispatcher would pick the meta kernel
+    of the internal op, its fake), on real and on fake tensors; the fakes themselves only compute shapes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    op = getattr(torch.ops.gankern.bce_with_logits, overload)
     x = torch.randn(4, 3)
     args = dict(target=None, weight=None, pos_weight=None)
     args[arg] = torch.ones(4, 3, device="meta")
-    call = lambda x: torch.ops.gankern._bce_with_logits_fwd(x, args["target"], 0.5, args["weight"],  # noqa: E731
-                                                            args["pos_weight"], 1)
+    call = lambda x: op(x, args["target"], 0.5, args["weight"], args["pos_weight"], 1)  # noqa: E731
     with pytest.raises(RuntimeError, match=f"{arg} must be on the input's device"):
         call(x)
     with FakeTensorMode(allow_non_fake_inputs=True):

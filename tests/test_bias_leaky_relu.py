@@ -232,29 +232,26 @@ def test_bad_types(backend):
         gankern.bias_leaky_relu(torch.randn(2, 3), torch.randn(3), backend="nope")
 
 
-@needs_cpp
-def test_opcheck_cpp_ops():
+OVERLOADS = (["default"] if HAS_CPP else []) + (["triton"] if "triton" in CPU_BACKENDS else [])
+
+
+@pytest.mark.parametrize("overload", OVERLOADS)
+def test_opcheck(overload):
+    """The public op and its internal ops, overload ``default`` (C++ kernels) or ``triton`` (Triton kernels)."""
+    op = getattr(torch.ops.gankern.bias_leaky_relu, overload)
+    fwd = getattr(torch.ops.gankern._bias_leaky_relu_fwd, overload)
+    bwd = getattr(torch.ops.gankern._bias_leaky_relu_bwd, overload)
     for layout in ("contiguous", "channels_last"):
         x, b = make((2, 3, 4, 5), 1, torch.float32, layout)
         for args in [(x, b, 0.2, 1), (x.clone().requires_grad_(), b.clone().requires_grad_(), 0.2, 1),
                      (x, b, -0.3, 1), (x.clone().requires_grad_(), b, 0.0, 1)]:
-            torch.library.opcheck(torch.ops.gankern.bias_leaky_relu.default, args)
-        y = torch.ops.gankern._bias_leaky_relu_fwd(x, b, 0.2, 1)
-        torch.library.opcheck(torch.ops.gankern._bias_leaky_relu_fwd.default, (x, b, 0.2, 1))
+            torch.library.opcheck(op, args)
+        y = fwd(x, b, 0.2, 1)
+        torch.library.opcheck(fwd, (x, b, 0.2, 1))
         for mask in ([True, True], [False, True], [True, False]):
-            torch.library.opcheck(torch.ops.gankern._bias_leaky_relu_bwd.default,
-                                  (torch.randn(x.shape), y, 0.2, 1, mask))
+            torch.library.opcheck(bwd, (torch.randn(x.shape), y, 0.2, 1, mask))
     x2, b2 = make((7, 5), 1, torch.float32)
-    torch.library.opcheck(torch.ops.gankern.bias_leaky_relu.default, (x2.requires_grad_(), b2, 0.2, -1))
-
-
-@needs_triton
-def test_opcheck_triton_op():
-    from gankern.ops.bias_leaky_relu import bias_leaky_relu_triton
-    for layout in ("contiguous", "channels_last"):
-        x, b = make((2, 3, 4, 5), 1, torch.float32, layout)
-        torch.library.opcheck(bias_leaky_relu_triton, (x.requires_grad_(), b.requires_grad_(), 0.2, 1))
-        torch.library.opcheck(bias_leaky_relu_triton, (x.detach(), b.detach(), 0.0, 1))
+    torch.library.opcheck(op, (x2.requires_grad_(), b2, 0.2, -1))
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])

@@ -244,27 +244,24 @@ def test_bad_backend_name():
         gankern.linear_leaky_relu(torch.randn(2, 3), torch.randn(4, 3), backend="nope")
 
 
-@needs_cpp
-def test_opcheck_cpp_ops():
+OVERLOADS = (["default"] if OP is not None else []) + (["triton"] if "triton" in CPU_BACKENDS else [])
+
+
+@pytest.mark.parametrize("overload", OVERLOADS)
+def test_opcheck(overload):
+    """The public op and its internal ops, overload ``default`` (C++ kernels) or ``triton`` (Triton kernels)."""
+    op = getattr(torch.ops.gankern.linear_leaky_relu, overload)
+    fwd = getattr(torch.ops.gankern._linear_leaky_relu_fwd, overload)
+    bwd = getattr(torch.ops.gankern._linear_leaky_relu_bwd, overload)
     x, w, b = make((6, 5), 4, torch.float32)
     for args in [(x, w, b, 0.2), (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 0.2), (x, w, None, -0.3),
                  (torch.randn(2, 3, 5), w, b, 0.0)]:
-        torch.library.opcheck(torch.ops.gankern.linear_leaky_relu.default, args)
+        torch.library.opcheck(op, args)
     x = torch.randn(6, 5)
-    y = torch.ops.gankern._linear_leaky_relu_fwd(x, w.detach(), b.detach(), 0.2)
-    torch.library.opcheck(torch.ops.gankern._linear_leaky_relu_fwd.default, (x, w.detach(), b.detach(), 0.2))
-    torch.library.opcheck(torch.ops.gankern._linear_leaky_relu_bwd.default,
-                          (torch.randn(6, 4), y, x, w.detach(), 0.2, [True, True, True]))
-    torch.library.opcheck(torch.ops.gankern._linear_leaky_relu_bwd.default,
-                          (torch.randn(6, 4), y, x, w.detach(), 0.2, [False, True, False]))
-
-
-@needs_triton
-def test_opcheck_triton_op():
-    from gankern.ops.linear_leaky_relu import linear_leaky_relu_triton
-    x, w, b = make((6, 5), 4, torch.float32)
-    torch.library.opcheck(linear_leaky_relu_triton, (x.requires_grad_(), w.requires_grad_(), b, 0.2))
-    torch.library.opcheck(linear_leaky_relu_triton, (torch.randn(2, 3, 5), w.detach(), None, 0.0))
+    y = fwd(x, w.detach(), b.detach(), 0.2)
+    torch.library.opcheck(fwd, (x, w.detach(), b.detach(), 0.2))
+    torch.library.opcheck(bwd, (torch.randn(6, 4), y, x, w.detach(), 0.2, [True, True, True]))
+    torch.library.opcheck(bwd, (torch.randn(6, 4), y, x, w.detach(), 0.2, [False, True, False]))
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])

@@ -200,7 +200,8 @@ def _bnr_bwd_partial(dy_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, p1_ptr, p2_p
 
 @triton.jit
 def _bnr_bwd_final(p1_ptr, p2_ptr, invstd_ptr, w_ptr, dw_ptr, db_ptr, k1_ptr, k2_ptr, k3_ptr, C, R, n_prog_r,
-                   TRAINING: tl.constexpr, HAS_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                   TRAINING: tl.constexpr, BLOCK_C: tl.constexpr):
+    # w: the weight in float32 (ones when the op has none; the launcher builds it)
     cc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cc < C
     sg = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -209,10 +210,7 @@ def _bnr_bwd_final(p1_ptr, p2_ptr, invstd_ptr, w_ptr, dw_ptr, db_ptr, k1_ptr, k2
         sg += tl.load(p1_ptr + i * C + cc, mask=cmask, other=0.0)
         sgd += tl.load(p2_ptr + i * C + cc, mask=cmask, other=0.0)
     invstd = tl.load(invstd_ptr + cc, mask=cmask, other=0.0)
-    if HAS_W:
-        w = tl.load(w_ptr + cc, mask=cmask, other=1.0).to(tl.float32)
-    else:
-        w = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
+    w = tl.load(w_ptr + cc, mask=cmask, other=1.0)
     tl.store(dw_ptr + cc, (sgd * invstd).to(dw_ptr.dtype.element_ty), mask=cmask)
     tl.store(db_ptr + cc, sg.to(db_ptr.dtype.element_ty), mask=cmask)
     a = w * invstd
@@ -342,6 +340,21 @@ def forward(input, running_mean, running_var, weight, bias, training, momentum, 
     return y, mean, invstd
 
 
+def forward_inplace(input, running_mean, running_var, weight, bias, training, momentum, eps, negative_slope=0.0):
+    """The internal op gankern::_batch_norm_relu_fwd.triton: forward(), with the running stats of any dtype and
+    strides updated in place (the schema mutates them).  -> (y, save_mean, save_invstd)."""
+    if not training or running_mean is None:  # eval reads the stats in their own dtype (as the cpp kernel does)
+        return forward(input, running_mean, running_var, weight, bias, training, momentum, eps, negative_slope)
+    # the kernel updates contiguous float32 stats: copies (memory_format: a strided buffer's copy keeps its
+    # strides otherwise), written back after
+    rm = running_mean.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
+    rv = running_var.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
+    out = forward(input, rm, rv, weight, bias, training, momentum, eps, negative_slope)
+    running_mean.copy_(rm)
+    running_var.copy_(rv)
+    return out
+
+
 def backward(grad_out, input, weight, bias, mean, invstd, training, negative_slope=0.0):
     """-> (grad_input, grad_weight, grad_bias)."""
     x, N, C, S, sN, sC, sS = _layout(input)
@@ -376,7 +389,7 @@ def backward(grad_out, input, weight, bias, mean, invstd, training, negative_slo
                                      BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
     _bnr_bwd_final[(triton.cdiv(C, _FOLD_BLOCK_C),)](
         p1, p2, invstd, w, dw, db, k1, k2, k3, C, R, n_prog,
-        TRAINING=bool(training), HAS_W=True, BLOCK_C=_FOLD_BLOCK_C)
+        TRAINING=bool(training), BLOCK_C=_FOLD_BLOCK_C)
     _bnr_bwd_dx[(n_cb, triton.cdiv(R, BLOCK_R))](dy, x, dx, mean, scale, shift, k1, k2, k3, C, S, R, sN, sC, sS,
                                                   slope, TRAINING=bool(training), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
                                                   num_warps=_DX_NUM_WARPS)
@@ -461,9 +474,8 @@ def aot_specs():
                 f"batch_norm_relu_bwd_final[{dt},training={training}]", _bnr_bwd_final,
                 {"p1_ptr": "*fp32", "p2_ptr": "*fp32", "invstd_ptr": "*fp32", "w_ptr": "*fp32", "dw_ptr": f"*{pdt}",
                  "db_ptr": f"*{pdt}", "k1_ptr": "*fp32", "k2_ptr": "*fp32", "k3_ptr": "*fp32", "C": "i32",
-                 "R": "i32", "n_prog_r": "i32", "TRAINING": "constexpr", "HAS_W": "constexpr",
-                 "BLOCK_C": "constexpr"},
-                {"TRAINING": training, "HAS_W": True, "BLOCK_C": _FOLD_BLOCK_C}))
+                 "R": "i32", "n_prog_r": "i32", "TRAINING": "constexpr", "BLOCK_C": "constexpr"},
+                {"TRAINING": training, "BLOCK_C": _FOLD_BLOCK_C}))
         if dt != "fp32":  # params in the input's dtype
             specs.append(AotSpec(
                 f"batch_norm_relu_fold[{dt},params={dt}]", _bnr_fold,

@@ -134,18 +134,19 @@ def tiles(C, I):
 
 
 def backward(grad_output, saved, slope, dim, output_mask):
+    """-> (grad_input, grad_bias); an output not asked for in output_mask is None (undefined)."""
     nx, nb = bool(output_mask[0]), bool(output_mask[1])
+    if not nx and not nb:
+        return None, None
     y, perm, R, C, I = _dense(saved, dim)
     g = grad_output.permute(perm)
     if not g.is_contiguous():
         g = g.contiguous()
     dev, dt = saved.device, saved.dtype
-    dx, gx = _new_like(y, perm) if nx else (None, saved.new_empty((0,)))
-    if not nx and not nb:
-        return [gx, saved.new_empty((0,))]
+    dx, gx = _new_like(y, perm) if nx else (None, None)
     acc = torch.float64 if dt == torch.float64 else torch.float32
     if y.numel() == 0:
-        return [gx, torch.zeros(C if nb else 0, dtype=dt, device=dev)]
+        return gx, (torch.zeros(C, dtype=dt, device=dev) if nb else None)
     bc, bi = tiles(C, I)
     gc, gi = triton.cdiv(C, bc), triton.cdiv(I, bi)
     nr = max(1, min(R, TARGET_PROGRAMS // (gc * gi)))
@@ -154,8 +155,7 @@ def backward(grad_output, saved, slope, dim, output_mask):
     _bact_bwd[(gc, gi, nr)](g, y, dx if nx else y, part if nb else y, R, C, I, hi, lo, HAS_DX=nx, HAS_DB=nb,
                            BLOCK_C=bc, BLOCK_I=bi, IS_F64=dt == torch.float64,
                            num_warps=_bwd_warps(dt == torch.float64, bc, nx, nb))
-    gb = part.sum(0).to(dt) if nb else saved.new_empty((0,))
-    return [gx, gb]
+    return gx, (part.sum(0).to(dt) if nb else None)
 
 
 def aot_specs():

@@ -166,13 +166,13 @@ def forward(input, weight, bias, slope):
 
 
 def backward(grad_output, saved, input, weight, slope, output_mask):
+    """-> (grad_input, grad_weight, grad_bias); an output not asked for in output_mask is None (undefined)."""
     N, K = weight.shape
     M = math.prod(input.shape[:-1])
     x2 = input.reshape(M, K)
     g = grad_output.reshape(M, N).contiguous()
     s = saved.reshape(M, N).contiguous()
     dev, dt = input.device, input.dtype
-    empty = lambda: torch.empty((0,), dtype=dt, device=dev)  # noqa: E731
     need_x, need_w, need_b = output_mask
     dz = torch.empty((M, N), dtype=dt, device=dev)
     db = _backends.new_empty((N,), dtype=dt, device=dev) if need_b else None
@@ -193,7 +193,7 @@ def backward(grad_output, saved, input, weight, slope, output_mask):
         _gemm(dz.t(), x2, None, gw, 1.0, act=False)
         if M == 0:
             gw.zero_()
-    return [gx if gx is not None else empty(), gw if gw is not None else empty(), db if db is not None else empty()]
+    return gx, gw, db
 
 
 def aot_specs():
