@@ -49,11 +49,6 @@
 
 namespace gankern {
 
-void bnr_check_args(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
-                    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
-                    const std::optional<at::Tensor>& bias, bool training, double momentum, double eps,
-                    double negative_slope);
-
 namespace {
 
 using at::vec::Vectorized;
