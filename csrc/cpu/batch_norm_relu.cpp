@@ -19,24 +19,12 @@
 // (the second one then reads from cache; channels are independent); otherwise the two passes run
 // one after the other over the same (row group, column block) tasks.
 //
-// ATen's Vectorized<T> uses AVX2 / AVX-512 only when CPU_CAPABILITY_AVX2 / _AVX512 is defined
-// (torch's own build sets it per dispatch variant); otherwise it silently falls back to a slow
-// generic version.  The extension is compiled with -march=native: turn the widest variant the
-// compiler targets on (inline namespace at::vec::AVX2 / AVX512, so no clash with other
-// translation units).  GANKERN_BNR_NO_AVX512 forces the AVX2 variant (for comparisons).
-#if !defined(CPU_CAPABILITY) && !defined(GANKERN_BNR_NO_AVX512) && defined(__AVX512F__) && \
-    defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif !defined(CPU_CAPABILITY) && defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
+// The SIMD helpers (VecIO, fma_v, relu_v, gate_v, act_v, act_grad_v) and the CPU capability:
+// gankern/cpu_simd.h (first include).
+#include "gankern/cpu_simd.h"
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cpu/vec/vec.h>
-#include <ATen/cpu/vec/functional.h>
 #include <torch/library.h>
 #include <algorithm>
 #include <cmath>
@@ -51,130 +39,7 @@ namespace gankern {
 
 namespace {
 
-using at::vec::Vectorized;
-
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr int kVecRegs = 32;
-#else
-constexpr int kVecRegs = 16;
-#endif
-
-// ---- loads / stores in the accumulation type (float for fp32/fp16/bf16, double for fp64) ----
-template <typename T>
-struct VecIO {
-  using acc_t = at::opmath_type<T>;
-  using V = Vectorized<acc_t>;
-  static constexpr int64_t W = V::size();
-  static V load(const T* p) {
-    if constexpr (std::is_same_v<T, acc_t>) {
-      return V::loadu(p);
-    } else {
-      V out;
-      at::vec::load_to_float<T>(p, out);
-      return out;
-    }
-  }
-  static V load(const T* p, int64_t n) {
-    if constexpr (std::is_same_v<T, acc_t>) {
-      return V::loadu(p, n);
-    } else {
-      T tmp[W];
-      for (int64_t i = 0; i < W; ++i) tmp[i] = i < n ? p[i] : T(0);
-      return load(tmp);
-    }
-  }
-  static void store(T* p, const V& v) {
-    if constexpr (std::is_same_v<T, acc_t>) {
-      v.store(p);
-    } else {
-      at::vec::convert_from_float<T>(v, v).store(p, W);
-    }
-  }
-  static void store(T* p, const V& v, int64_t n) {
-    if constexpr (std::is_same_v<T, acc_t>) {
-      v.store(p, n);
-    } else {
-      at::vec::convert_from_float<T>(v, v).store(p, n);
-    }
-  }
-  // TAIL: a partial vector of n elements.
-  template <bool TAIL>
-  static V ld(const T* p, int64_t n) {
-    if constexpr (TAIL) return load(p, n);
-    else return load(p);
-  }
-  template <bool TAIL>
-  static void st(T* p, const V& v, int64_t n) {
-    if constexpr (TAIL) store(p, v, n);
-    else store(p, v);
-  }
-  template <bool TAIL>
-  static V ldp(const acc_t* p, int64_t n) {
-    if constexpr (TAIL) return V::loadu(p, n);
-    else return V::loadu(p);
-  }
-};
-
-// a * b + c with one rounding.  With AVX2 / AVX-512 at::vec::fmadd is the fma instruction; the
-// generic fallback computes a * b + c (two roundings), which would lose the accuracy the folded
-// y = x * scale + shift relies on (|x * scale| >> |y| for data far from 0): use std::fma per lane.
-template <typename V>
-inline V fma_v(const V& a, const V& b, const V& c) {
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  return at::vec::fmadd(a, b, c);
-#else
-  using T = typename V::value_type;
-  alignas(64) T va[V::size()], vb[V::size()], vc[V::size()];
-  a.store(va);
-  b.store(vb);
-  c.store(vc);
-  for (int64_t i = 0; i < V::size(); ++i) va[i] = std::fma(va[i], vb[i], vc[i]);
-  return V::loadu(va);
-#endif
-}
-
-// max(pre, 0) propagating NaN (as torch.relu).
-template <typename V>
-inline V relu_v(const V& pre) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<V, Vectorized<float>>) return V(_mm512_max_ps(_mm512_setzero_ps(), pre));
-  if constexpr (std::is_same_v<V, Vectorized<double>>) return V(_mm512_max_pd(_mm512_setzero_pd(), pre));
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<V, Vectorized<float>>) return V(_mm256_max_ps(_mm256_setzero_ps(), pre));
-  if constexpr (std::is_same_v<V, Vectorized<double>>) return V(_mm256_max_pd(_mm256_setzero_pd(), pre));
-#endif
-  return at::vec::maximum(pre, V(0));
-}
-
-// g where the ReLU passes the gradient (!(pre <= 0), bnr::relu_passes), else 0.
-template <typename V>
-inline V gate_v(const V& pre, const V& g) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<V, Vectorized<float>>)
-    return V(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(pre, _mm512_setzero_ps(), _CMP_NLE_UQ), g));
-  if constexpr (std::is_same_v<V, Vectorized<double>>)
-    return V(_mm512_maskz_mov_pd(_mm512_cmp_pd_mask(pre, _mm512_setzero_pd(), _CMP_NLE_UQ), g));
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<V, Vectorized<float>>)
-    return V(_mm256_and_ps(_mm256_cmp_ps(pre, _mm256_setzero_ps(), _CMP_NLE_UQ), g));
-  if constexpr (std::is_same_v<V, Vectorized<double>>)
-    return V(_mm256_and_pd(_mm256_cmp_pd(pre, _mm256_setzero_pd(), _CMP_NLE_UQ), g));
-#endif
-  return V::blendv(g, V(0), pre <= V(0));
-}
-
-// The activation (bnr::act): LEAKY = false is relu_v; LEAKY: pre > 0 ? pre : pre * slope (NaN
-// propagates).  Its gradient (bnr::act_grad): gate_v, or pre > 0 ? g : g * slope.
-template <bool LEAKY, typename V>
-inline V act_v(const V& pre, const V& slope) {
-  if constexpr (LEAKY) return V::blendv(pre * slope, pre, pre > V(0));
-  else return relu_v(pre);
-}
-template <bool LEAKY, typename V>
-inline V act_grad_v(const V& pre, const V& g, const V& slope) {
-  if constexpr (LEAKY) return V::blendv(g * slope, g, pre > V(0));
-  else return gate_v(pre, g);
-}
+using namespace simd;  // VecIO, fma_v, relu_v, gate_v, act_v, act_grad_v, kVecRegs, Vectorized
 
 // f(std::bool_constant<B>) for a runtime bool.
 template <typename F>
