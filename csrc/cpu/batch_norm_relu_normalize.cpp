@@ -199,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_fwd_cpu(
     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, bool training, double momentum, double eps, double negative_slope) {
   bnr_check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, negative_slope);
-  TORCH_CHECK(input.device().is_cpu(), "batch_norm_relu (cpu kernel): input must be a CPU tensor");
+  TORCH_INTERNAL_ASSERT(input.device().is_cpu(), "batch_norm_relu (cpu kernel): got input on ", input.device());  // the dispatcher's choice
   Shape sh;
   at::Tensor x = prepare(input, sh);
   at::Tensor y = new_empty_like(x);

@@ -44,7 +44,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_fwd_cuda(
     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, bool training, double momentum, double eps, double negative_slope) {
   bnr_check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, negative_slope);
-  TORCH_CHECK(input.is_cuda(), "batch_norm_relu (cuda kernel): input must be a CUDA tensor");
+  // bnr_check_args: every tensor on the input's device; the dispatcher chose CUDA for one of them
+  TORCH_INTERNAL_ASSERT(input.is_cuda(), "batch_norm_relu (cuda kernel): got input on ", input.device());
   const c10::cuda::CUDAGuard guard(input.device());
   int64_t N, C, S;
   bool rows;
@@ -79,6 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_bwd_cuda(const at::Tensor& gr
                                                             const at::Tensor& save_mean,
                                                             const at::Tensor& save_invstd, bool training,
                                                             double negative_slope) {
+  // a user error, not an invariant: the CUDA kernel runs when any one tensor is on CUDA
   TORCH_CHECK(input.is_cuda() && grad_out.is_cuda(), "batch_norm_relu (cuda) backward: tensors must be on CUDA");
   TORCH_CHECK_VALUE(negative_slope >= 0 && std::isfinite(negative_slope),
                     "batch_norm_leaky_relu: negative_slope must be a finite float >= 0, got ", negative_slope);

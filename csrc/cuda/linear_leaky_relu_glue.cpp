@@ -18,7 +18,8 @@ at::Tensor fwd_cuda(const at::Tensor& input, const at::Tensor& weight, const std
   GANKERN_NO_AUTOCAST();
   const at::Tensor bias = opt_tensor(bias_opt);
   check_args(input, weight, bias, kFwd);
-  TORCH_CHECK(input.is_cuda(), kFwd, ": expected CUDA tensors, got ", input.device());
+  // check_args: every tensor on the input's device; the dispatcher chose CUDA for one of them
+  TORCH_INTERNAL_ASSERT(input.is_cuda(), kFwd, ": the CUDA kernel got ", input.device());
   c10::cuda::CUDAGuard guard(input.device());
   const int64_t N = weight.size(0), K = weight.size(1);
   const int64_t M = c10::multiply_integers(input.sizes().slice(0, input.dim() - 1));
@@ -42,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_o
                                                         double slope, std::array<bool, 3> mask) {
   GANKERN_NO_AUTOCAST();
   check_bwd_args(grad_output, saved, input, weight, kBwd);
-  TORCH_CHECK(input.is_cuda(), kBwd, ": expected CUDA tensors, got ", input.device());
+  TORCH_INTERNAL_ASSERT(input.is_cuda(), kBwd, ": the CUDA kernel got ", input.device());  // as in fwd_cuda
   c10::cuda::CUDAGuard guard(input.device());
   const int64_t N = weight.size(0), K = weight.size(1);
   const int64_t M = c10::multiply_integers(input.sizes().slice(0, input.dim() - 1));
