@@ -183,11 +183,11 @@ at::Tensor onednn_fwd(const LinearPointwise& op, const at::Tensor& x2, const at:
 at::Tensor fwd_cpu(const at::Tensor& input_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_opt,
                    double slope) {
   GANKERN_NO_AUTOCAST();
-  check_args(input_, weight_, bias_opt.has_value() ? *bias_opt : at::Tensor(), kFwd);
-  TORCH_CHECK(input_.device().is_cpu(), kFwd, ": expected CPU tensors, got ", input_.device());
+  check_args(input_, weight_, opt_tensor(bias_opt), kFwd);
+  TORCH_INTERNAL_ASSERT(input_.device().is_cpu(), kFwd, ": the CPU kernel got ", input_.device());  // the dispatcher's choice
   // any strides torch accepts: dense operands for the GEMM paths below (oneDNN reads raw strides)
   const at::Tensor input = dense(input_), weight = dense_or_transposed(weight_);
-  const at::Tensor bias = bias_opt.has_value() ? dense(*bias_opt) : at::Tensor();
+  const at::Tensor bias = dense(opt_tensor(bias_opt));
   const int64_t N = weight.size(0), K = weight.size(1), M = rows_of(input);
   const at::Tensor x2 = input.reshape({M, K});
   const auto st = input.scalar_type();
@@ -269,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
                                                        std::array<bool, 3> mask) {
   GANKERN_NO_AUTOCAST();
   check_bwd_args(grad_output, saved, input_, weight_, kBwd);
-  TORCH_CHECK(input_.device().is_cpu(), kBwd, ": expected CPU tensors, got ", input_.device());
+  TORCH_INTERNAL_ASSERT(input_.device().is_cpu(), kBwd, ": the CPU kernel got ", input_.device());  // the dispatcher's choice
   const at::Tensor input = dense(input_), weight = dense_or_transposed(weight_);  // as in fwd_cpu
   const int64_t N = weight.size(0), K = weight.size(1), M = rows_of(input);
   const auto st = input.scalar_type();

@@ -16,6 +16,7 @@
 #include <cuda_bf16.h>
 #include <cstdint>
 #include "gankern/batch_norm_relu.h"
+#include "gankern/cuda_launchers.h"
 
 namespace gankern {
 namespace bnr {
@@ -366,53 +367,58 @@ cudaError_t backward_impl(const T* dy, const T* x, T* dx, int64_t N, int64_t C, 
 }
 
 }  // namespace
+}  // namespace bnr
 
-int64_t cuda_fwd_workspace(int64_t N, int64_t C, int64_t S, bool rows) {
+// ------------------------------------------------------------------ launchers (gankern/cuda_launchers.h)
+namespace cuda {
+using bnr::make_plan;
+
+int64_t bnr_fwd_workspace(int64_t N, int64_t C, int64_t S, bool rows) {
   return 3 * make_plan(N, C, S, rows).nprog * C + 2 * C;
 }
-int64_t cuda_bwd_workspace(int64_t N, int64_t C, int64_t S, bool rows) {
+int64_t bnr_bwd_workspace(int64_t N, int64_t C, int64_t S, bool rows) {
   return 2 * make_plan(N, C, S, rows).nprog * C + 3 * C;
 }
 
 #define GK_BNR_FWD(T, P, A)                                                                                     \
-  return forward_impl<T, P, A>(static_cast<const T*>(x), static_cast<T*>(y), N, C, S, rows,                     \
+  return bnr::forward_impl<T, P, A>(static_cast<const T*>(x), static_cast<T*>(y), N, C, S, rows,                     \
                                static_cast<P*>(running_mean), static_cast<P*>(running_var),                     \
                                static_cast<const P*>(weight), static_cast<const P*>(bias), training, momentum, eps, \
                                negative_slope, static_cast<A*>(save_mean), static_cast<A*>(save_invstd), static_cast<A*>(workspace), \
                                stream)
 
-cudaError_t cuda_forward(Dtype xt, Dtype pt, const void* x, void* y, int64_t N, int64_t C, int64_t S, bool rows,
+cudaError_t bnr_forward(DType xt, DType pt, const void* x, void* y, int64_t N, int64_t C, int64_t S, bool rows,
                          void* running_mean, void* running_var, const void* weight, const void* bias,
                          bool training, double momentum, double eps, double negative_slope, void* save_mean,
                          void* save_invstd, void* workspace, cudaStream_t stream) {
-  if (xt == Dtype::F32 && pt == Dtype::F32) GK_BNR_FWD(float, float, float);
-  if (xt == Dtype::F64 && pt == Dtype::F64) GK_BNR_FWD(double, double, double);
-  if (xt == Dtype::F16 && pt == Dtype::F32) GK_BNR_FWD(__half, float, float);
-  if (xt == Dtype::F16 && pt == Dtype::F16) GK_BNR_FWD(__half, __half, float);
-  if (xt == Dtype::BF16 && pt == Dtype::F32) GK_BNR_FWD(__nv_bfloat16, float, float);
-  if (xt == Dtype::BF16 && pt == Dtype::BF16) GK_BNR_FWD(__nv_bfloat16, __nv_bfloat16, float);
+  if (xt == DType::F32 && pt == DType::F32) GK_BNR_FWD(float, float, float);
+  if (xt == DType::F64 && pt == DType::F64) GK_BNR_FWD(double, double, double);
+  if (xt == DType::F16 && pt == DType::F32) GK_BNR_FWD(__half, float, float);
+  if (xt == DType::F16 && pt == DType::F16) GK_BNR_FWD(__half, __half, float);
+  if (xt == DType::BF16 && pt == DType::F32) GK_BNR_FWD(__nv_bfloat16, float, float);
+  if (xt == DType::BF16 && pt == DType::BF16) GK_BNR_FWD(__nv_bfloat16, __nv_bfloat16, float);
   return cudaErrorInvalidValue;
 }
 
 #define GK_BNR_BWD(T, P, A)                                                                                        \
-  return backward_impl<T, P, A>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), N, C, S, \
+  return bnr::backward_impl<T, P, A>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), N, C, S, \
                                 rows, static_cast<const P*>(weight), static_cast<const P*>(bias),                 \
                                 static_cast<const A*>(save_mean), static_cast<const A*>(save_invstd), training,    \
                                 negative_slope, static_cast<P*>(grad_weight), static_cast<P*>(grad_bias), static_cast<A*>(workspace), \
                                 stream)
 
-cudaError_t cuda_backward(Dtype xt, Dtype pt, const void* dy, const void* x, void* dx, int64_t N, int64_t C,
+cudaError_t bnr_backward(DType xt, DType pt, const void* dy, const void* x, void* dx, int64_t N, int64_t C,
                           int64_t S, bool rows, const void* weight, const void* bias, const void* save_mean,
                           const void* save_invstd, bool training, double negative_slope, void* grad_weight,
                           void* grad_bias, void* workspace, cudaStream_t stream) {
-  if (xt == Dtype::F32 && pt == Dtype::F32) GK_BNR_BWD(float, float, float);
-  if (xt == Dtype::F64 && pt == Dtype::F64) GK_BNR_BWD(double, double, double);
-  if (xt == Dtype::F16 && pt == Dtype::F32) GK_BNR_BWD(__half, float, float);
-  if (xt == Dtype::F16 && pt == Dtype::F16) GK_BNR_BWD(__half, __half, float);
-  if (xt == Dtype::BF16 && pt == Dtype::F32) GK_BNR_BWD(__nv_bfloat16, float, float);
-  if (xt == Dtype::BF16 && pt == Dtype::BF16) GK_BNR_BWD(__nv_bfloat16, __nv_bfloat16, float);
+  if (xt == DType::F32 && pt == DType::F32) GK_BNR_BWD(float, float, float);
+  if (xt == DType::F64 && pt == DType::F64) GK_BNR_BWD(double, double, double);
+  if (xt == DType::F16 && pt == DType::F32) GK_BNR_BWD(__half, float, float);
+  if (xt == DType::F16 && pt == DType::F16) GK_BNR_BWD(__half, __half, float);
+  if (xt == DType::BF16 && pt == DType::F32) GK_BNR_BWD(__nv_bfloat16, float, float);
+  if (xt == DType::BF16 && pt == DType::BF16) GK_BNR_BWD(__nv_bfloat16, __nv_bfloat16, float);
   return cudaErrorInvalidValue;
 }
 
-}  // namespace bnr
+}  // namespace cuda
 }  // namespace gankern

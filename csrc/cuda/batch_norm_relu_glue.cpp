@@ -1,32 +1,11 @@
 // ATen glue of the CUDA kernels of batch_norm_relu (csrc/cuda/batch_norm_relu.cu): argument
 // checks, layout, allocation, stream.  Built only against a CUDA torch.
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 #include <cmath>
-#define GANKERN_BNR_CUDA_DECLS 1
+#include "gankern/cuda_glue.h"
 #include "gankern/batch_norm_relu.h"
-#include "gankern/common.h"
 
 namespace gankern {
-
-void bnr_check_args(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
-                    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
-                    const std::optional<at::Tensor>& bias, bool training, double momentum, double eps,
-                    double negative_slope);
-
 namespace {
-
-bnr::Dtype to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return bnr::Dtype::F32;
-    case at::kHalf: return bnr::Dtype::F16;
-    case at::kBFloat16: return bnr::Dtype::BF16;
-    case at::kDouble: return bnr::Dtype::F64;
-    default: TORCH_CHECK(false, "batch_norm_relu (cuda): unsupported dtype ", t);
-  }
-}
 
 bool is_channels_last(const at::Tensor& x) {
   if (x.dim() == 4) return x.is_contiguous(at::MemoryFormat::ChannelsLast);
@@ -52,13 +31,11 @@ at::Tensor prepare(const at::Tensor& in, int64_t& N, int64_t& C, int64_t& S, boo
   return x;
 }
 
-const void* ptr_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->data_ptr() : nullptr;
-}
+const void* ptr_or_null(const std::optional<at::Tensor>& t) { return has_tensor(t) ? t->data_ptr() : nullptr; }
 
 // Contiguous version of an optional param (a copy only if it is strided).
 std::optional<at::Tensor> contig(const std::optional<at::Tensor>& t) {
-  if (!t.has_value() || !t->defined()) return std::nullopt;
+  if (!has_tensor(t)) return std::nullopt;
   return t->is_contiguous() ? *t : t->contiguous();
 }
 
@@ -67,7 +44,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_fwd_cuda(
     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, bool training, double momentum, double eps, double negative_slope) {
   bnr_check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, negative_slope);
-  TORCH_CHECK(input.is_cuda(), "batch_norm_relu (cuda kernel): input must be a CUDA tensor");
+  // bnr_check_args: every tensor on the input's device; the dispatcher chose CUDA for one of them
+  TORCH_INTERNAL_ASSERT(input.is_cuda(), "batch_norm_relu (cuda kernel): got input on ", input.device());
   const c10::cuda::CUDAGuard guard(input.device());
   int64_t N, C, S;
   bool rows;
@@ -77,18 +55,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_fwd_cuda(
   at::Tensor save_mean = new_empty({C}, x.options().dtype(acc_dt));
   at::Tensor save_invstd = new_empty({C}, x.options().dtype(acc_dt));
   if (C == 0) return {y, save_mean, save_invstd};  // no channels: nothing to launch (a 0-block grid is an error)
-  at::Tensor ws = at::empty({bnr::cuda_fwd_workspace(N, C, S, rows)}, x.options().dtype(acc_dt));
+  at::Tensor ws = at::empty({cuda::bnr_fwd_workspace(N, C, S, rows)}, x.options().dtype(acc_dt));
   auto rm = contig(running_mean), rv = contig(running_var), w = contig(weight), b = contig(bias);
   at::ScalarType pdt = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   for (const auto* t : {&rm, &rv, &w, &b})
     if (t->has_value()) { pdt = (*t)->scalar_type(); break; }
   const bool has_running = rm.has_value();
-  auto err = bnr::cuda_forward(to_dtype(x.scalar_type()), to_dtype(pdt), x.data_ptr(), y.data_ptr(), N, C, S, rows,
-                               has_running ? rm->data_ptr() : nullptr, has_running ? rv->data_ptr() : nullptr,
-                               ptr_or_null(w), ptr_or_null(b), training, momentum, eps, negative_slope,
-                               save_mean.data_ptr(),
-                               save_invstd.data_ptr(), ws.data_ptr(), at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "batch_norm_relu (cuda) forward failed: ", cudaGetErrorString(err));
+  GANKERN_CUDA_CHECK("batch_norm_relu (cuda) forward",
+                     cuda::bnr_forward(dtype_code(x.scalar_type()), dtype_code(pdt), x.data_ptr(), y.data_ptr(), N, C,
+                                       S, rows, has_running ? rm->data_ptr() : nullptr,
+                                       has_running ? rv->data_ptr() : nullptr, ptr_or_null(w), ptr_or_null(b),
+                                       training, momentum, eps, negative_slope, save_mean.data_ptr(),
+                                       save_invstd.data_ptr(), ws.data_ptr(), cuda_stream()));
   if (training && has_running) {  // strided running stats were updated in a contiguous copy
     if (!running_mean->is_same(*rm)) running_mean->copy_(*rm);
     if (!running_var->is_same(*rv)) running_var->copy_(*rv);
@@ -102,6 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_bwd_cuda(const at::Tensor& gr
                                                             const at::Tensor& save_mean,
                                                             const at::Tensor& save_invstd, bool training,
                                                             double negative_slope) {
+  // a user error, not an invariant: the CUDA kernel runs when any one tensor is on CUDA
   TORCH_CHECK(input.is_cuda() && grad_out.is_cuda(), "batch_norm_relu (cuda) backward: tensors must be on CUDA");
   TORCH_CHECK_VALUE(negative_slope >= 0 && std::isfinite(negative_slope),
                     "batch_norm_leaky_relu: negative_slope must be a finite float >= 0, got ", negative_slope);
@@ -126,12 +105,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_bwd_cuda(const at::Tensor& gr
   at::Tensor gw = new_empty({C}, x.options().dtype(pdt));
   at::Tensor gb = new_empty({C}, x.options().dtype(pdt));
   if (C == 0) return {dx, gw, gb};
-  at::Tensor ws = at::empty({bnr::cuda_bwd_workspace(N, C, S, rows)}, x.options().dtype(acc_dt));
+  at::Tensor ws = at::empty({cuda::bnr_bwd_workspace(N, C, S, rows)}, x.options().dtype(acc_dt));
   at::Tensor sm = save_mean.contiguous(), si = save_invstd.contiguous();
-  auto err = bnr::cuda_backward(to_dtype(x.scalar_type()), to_dtype(pdt), dy.data_ptr(), x.data_ptr(), dx.data_ptr(),
-                                N, C, S, rows, ptr_or_null(w), ptr_or_null(b), sm.data_ptr(), si.data_ptr(), training,
-                                negative_slope, gw.data_ptr(), gb.data_ptr(), ws.data_ptr(), at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "batch_norm_relu (cuda) backward failed: ", cudaGetErrorString(err));
+  GANKERN_CUDA_CHECK("batch_norm_relu (cuda) backward",
+                     cuda::bnr_backward(dtype_code(x.scalar_type()), dtype_code(pdt), dy.data_ptr(), x.data_ptr(),
+                                        dx.data_ptr(), N, C, S, rows, ptr_or_null(w), ptr_or_null(b), sm.data_ptr(),
+                                        si.data_ptr(), training, negative_slope, gw.data_ptr(), gb.data_ptr(),
+                                        ws.data_ptr(), cuda_stream()));
   return {dx, gw, gb};
 }
 

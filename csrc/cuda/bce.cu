@@ -12,6 +12,7 @@
 #include <cuda_bf16.h>
 #include <cstdint>
 #include "gankern/bce.h"
+#include "gankern/cuda_launchers.h"
 
 namespace gankern {
 namespace cuda_bce {
@@ -158,31 +159,36 @@ cudaError_t bwd_launch(const void* g, bool g_full, double g_scale, const void* x
   return cudaGetLastError();
 }
 
-// dtype: 0 float32, 1 float16, 2 bfloat16, 3 float64.  w / pw are in float (double for float64).
-// partial: a device buffer of ceil(N / bce::kChunk) doubles (mean / sum with more than one chunk).
-cudaError_t bce_fwd(int dtype, const void* x, const void* t, double t_s, const void* w, int w_mode, const void* pw,
-                    int pw_mode, void* out, double* partial, int64_t N, int64_t reduction, cudaStream_t s) {
-  switch (dtype) {
-    case 0: return fwd_launch<float>(x, t, t_s, w, w_mode, pw, pw_mode, out, partial, N, reduction, s);
-    case 1: return fwd_launch<__half>(x, t, t_s, w, w_mode, pw, pw_mode, out, partial, N, reduction, s);
-    case 2: return fwd_launch<__nv_bfloat16>(x, t, t_s, w, w_mode, pw, pw_mode, out, partial, N, reduction, s);
-    case 3: return fwd_launch<double>(x, t, t_s, w, w_mode, pw, pw_mode, out, partial, N, reduction, s);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
-// g: the incoming gradient in the input dtype (N elements if g_full, else one element scaled by g_scale).
-cudaError_t bce_bwd(int dtype, const void* g, bool g_full, double g_scale, const void* x, const void* t, double t_s,
-                    const void* w, int w_mode, const void* pw, int pw_mode, void* gx, void* gt, int64_t N,
-                    cudaStream_t s) {
-  switch (dtype) {
-    case 0: return bwd_launch<float>(g, g_full, g_scale, x, t, t_s, w, w_mode, pw, pw_mode, gx, gt, N, s);
-    case 1: return bwd_launch<__half>(g, g_full, g_scale, x, t, t_s, w, w_mode, pw, pw_mode, gx, gt, N, s);
-    case 2: return bwd_launch<__nv_bfloat16>(g, g_full, g_scale, x, t, t_s, w, w_mode, pw, pw_mode, gx, gt, N, s);
-    case 3: return bwd_launch<double>(g, g_full, g_scale, x, t, t_s, w, w_mode, pw, pw_mode, gx, gt, N, s);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 }  // namespace cuda_bce
+
+// ---- launchers (gankern/cuda_launchers.h) ----
+namespace cuda {
+using cuda_bce::fwd_launch;
+using cuda_bce::bwd_launch;
+
+cudaError_t bce_forward(DType dtype, const void* x, const void* t, double t_s, const void* w, int w_mode,
+                        const void* pw, int pw_mode, void* out, double* partial, int64_t N, int64_t reduction,
+                        cudaStream_t s) {
+  switch (dtype) {
+    case DType::F32: return fwd_launch<float>(x, t, t_s, w, w_mode, pw, pw_mode, out, partial, N, reduction, s);
+    case DType::F16: return fwd_launch<__half>(x, t, t_s, w, w_mode, pw, pw_mode, out, partial, N, reduction, s);
+    case DType::BF16: return fwd_launch<__nv_bfloat16>(x, t, t_s, w, w_mode, pw, pw_mode, out, partial, N, reduction, s);
+    case DType::F64: return fwd_launch<double>(x, t, t_s, w, w_mode, pw, pw_mode, out, partial, N, reduction, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t bce_backward(DType dtype, const void* g, bool g_full, double g_scale, const void* x, const void* t,
+                         double t_s, const void* w, int w_mode, const void* pw, int pw_mode, void* gx, void* gt,
+                         int64_t N, cudaStream_t s) {
+  switch (dtype) {
+    case DType::F32: return bwd_launch<float>(g, g_full, g_scale, x, t, t_s, w, w_mode, pw, pw_mode, gx, gt, N, s);
+    case DType::F16: return bwd_launch<__half>(g, g_full, g_scale, x, t, t_s, w, w_mode, pw, pw_mode, gx, gt, N, s);
+    case DType::BF16: return bwd_launch<__nv_bfloat16>(g, g_full, g_scale, x, t, t_s, w, w_mode, pw, pw_mode, gx, gt, N, s);
+    case DType::F64: return bwd_launch<double>(g, g_full, g_scale, x, t, t_s, w, w_mode, pw, pw_mode, gx, gt, N, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
 }  // namespace gankern

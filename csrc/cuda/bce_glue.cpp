@@ -1,35 +1,11 @@
 // ATen glue of the CUDA BCE-with-logits kernels (csrc/cuda/bce.cu): argument checks (shared
 // with the CPU kernels: bce::check_args), operand preparation, device guard, stream, allocation.
 // Built only against a CUDA torch (CMakeLists.txt).
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAException.h>
-#include <torch/library.h>
-#include "gankern/common.h"
+#include "gankern/cuda_glue.h"
 #include "gankern/bce.h"
 
 namespace gankern {
-namespace cuda_bce {
-cudaError_t bce_fwd(int dtype, const void* x, const void* t, double t_s, const void* w, int w_mode, const void* pw,
-                    int pw_mode, void* out, double* partial, int64_t N, int64_t reduction, cudaStream_t s);
-cudaError_t bce_bwd(int dtype, const void* g, bool g_full, double g_scale, const void* x, const void* t, double t_s,
-                    const void* w, int w_mode, const void* pw, int pw_mode, void* gx, void* gt, int64_t N,
-                    cudaStream_t s);
-}  // namespace cuda_bce
-
 namespace {
-
-int dtype_code(at::ScalarType dt) {
-  switch (dt) {
-    case at::kFloat: return 0;
-    case at::kHalf: return 1;
-    case at::kBFloat16: return 2;
-    case at::kDouble: return 3;
-    default: TORCH_CHECK(false, "bce_with_logits: unsupported dtype ", dt);
-  }
-  return -1;
-}
 
 // (pointer, mode): mode 0 absent, 1 one element, 2 one per element (see bce::prepare).
 std::pair<const void*, int> wptr(const at::Tensor& w) {
@@ -50,10 +26,11 @@ at::Tensor bce_fwd_cuda(const at::Tensor& input, const std::optional<at::Tensor>
   if (reduction != bce::kNone && P > 1) partial = at::empty({P}, o.x.options().dtype(at::kDouble));
   auto [w, wm] = wptr(o.w);
   auto [pw, pm] = wptr(o.pw);
-  C10_CUDA_CHECK(cuda_bce::bce_fwd(dtype_code(o.x.scalar_type()), o.x.data_ptr(),
-                                   o.t.defined() ? o.t.data_ptr() : nullptr, target_scalar, w, wm, pw, pm,
-                                   out.data_ptr(), partial.defined() ? partial.data_ptr<double>() : nullptr, N,
-                                   reduction, at::cuda::getCurrentCUDAStream()));
+  GANKERN_CUDA_CHECK("bce_with_logits (cuda) forward",
+                     cuda::bce_forward(dtype_code(o.x.scalar_type()), o.x.data_ptr(),
+                                       o.t.defined() ? o.t.data_ptr() : nullptr, target_scalar, w, wm, pw, pm,
+                                       out.data_ptr(), partial.defined() ? partial.data_ptr<double>() : nullptr, N,
+                                       reduction, cuda_stream()));
   return out;
 }
 
@@ -73,10 +50,11 @@ std::tuple<at::Tensor, at::Tensor> bce_bwd_cuda(const at::Tensor& grad_out, cons
   at::Tensor gt = need_target ? new_empty(o.x.sizes(), o.x.options()) : at::empty({0}, o.x.options());
   auto [w, wm] = wptr(o.w);
   auto [pw, pm] = wptr(o.pw);
-  C10_CUDA_CHECK(cuda_bce::bce_bwd(dtype_code(o.x.scalar_type()), g.data_ptr(), reduction == bce::kNone, g_scale,
-                                   o.x.data_ptr(), o.t.defined() ? o.t.data_ptr() : nullptr, target_scalar, w, wm,
-                                   pw, pm, gx.data_ptr(), need_target ? gt.data_ptr() : nullptr, N,
-                                   at::cuda::getCurrentCUDAStream()));
+  GANKERN_CUDA_CHECK("bce_with_logits (cuda) backward",
+                     cuda::bce_backward(dtype_code(o.x.scalar_type()), g.data_ptr(), reduction == bce::kNone, g_scale,
+                                        o.x.data_ptr(), o.t.defined() ? o.t.data_ptr() : nullptr, target_scalar, w,
+                                        wm, pw, pm, gx.data_ptr(), need_target ? gt.data_ptr() : nullptr, N,
+                                        cuda_stream()));
   return {gx, gt};
 }
 

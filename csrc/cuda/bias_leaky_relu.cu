@@ -12,11 +12,10 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 #include "gankern/bias_leaky_relu.h"
+#include "gankern/cuda_launchers.h"
 
 namespace gankern {
 namespace bact_cuda {
-
-enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
 
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
@@ -161,29 +160,36 @@ cudaError_t bwd_t(const void* g, const void* y, void* dx, void* db, void* partia
   return cudaGetLastError();
 }
 
-cudaError_t bact_fwd(int dtype, const void* x, const void* b, void* y, int64_t outer, int64_t C, int64_t inner,
-                     double slope, cudaStream_t st) {
-  switch (dtype) {
-    case kF32: return fwd_t<float>(x, b, y, outer, C, inner, slope, st);
-    case kF16: return fwd_t<__half>(x, b, y, outer, C, inner, slope, st);
-    case kBF16: return fwd_t<__nv_bfloat16>(x, b, y, outer, C, inner, slope, st);
-    case kF64: return fwd_t<double>(x, b, y, outer, C, inner, slope, st);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
-int64_t bact_bwd_groups(int64_t outer, int64_t C, int64_t inner) { return bwd_groups_t(outer, C, inner); }
-
-cudaError_t bact_bwd(int dtype, const void* g, const void* y, void* dx, void* db, void* partial, int64_t outer,
-                     int64_t C, int64_t inner, double slope, cudaStream_t st) {
-  switch (dtype) {
-    case kF32: return bwd_t<float>(g, y, dx, db, partial, outer, C, inner, slope, st);
-    case kF16: return bwd_t<__half>(g, y, dx, db, partial, outer, C, inner, slope, st);
-    case kBF16: return bwd_t<__nv_bfloat16>(g, y, dx, db, partial, outer, C, inner, slope, st);
-    case kF64: return bwd_t<double>(g, y, dx, db, partial, outer, C, inner, slope, st);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 }  // namespace bact_cuda
+
+// ---- launchers (gankern/cuda_launchers.h) ----
+namespace cuda {
+using bact_cuda::fwd_t;
+using bact_cuda::bwd_t;
+
+cudaError_t bact_forward(DType dtype, const void* x, const void* b, void* y, int64_t outer, int64_t C, int64_t inner,
+                         double slope, cudaStream_t st) {
+  switch (dtype) {
+    case DType::F32: return fwd_t<float>(x, b, y, outer, C, inner, slope, st);
+    case DType::F16: return fwd_t<__half>(x, b, y, outer, C, inner, slope, st);
+    case DType::BF16: return fwd_t<__nv_bfloat16>(x, b, y, outer, C, inner, slope, st);
+    case DType::F64: return fwd_t<double>(x, b, y, outer, C, inner, slope, st);
+  }
+  return cudaErrorInvalidValue;
+}
+
+int64_t bact_bwd_groups(int64_t outer, int64_t C, int64_t inner) { return bact_cuda::bwd_groups_t(outer, C, inner); }
+
+cudaError_t bact_backward(DType dtype, const void* g, const void* y, void* dx, void* db, void* partial,
+                          int64_t outer, int64_t C, int64_t inner, double slope, cudaStream_t st) {
+  switch (dtype) {
+    case DType::F32: return bwd_t<float>(g, y, dx, db, partial, outer, C, inner, slope, st);
+    case DType::F16: return bwd_t<__half>(g, y, dx, db, partial, outer, C, inner, slope, st);
+    case DType::BF16: return bwd_t<__nv_bfloat16>(g, y, dx, db, partial, outer, C, inner, slope, st);
+    case DType::F64: return bwd_t<double>(g, y, dx, db, partial, outer, C, inner, slope, st);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
 }  // namespace gankern

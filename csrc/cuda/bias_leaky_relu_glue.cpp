@@ -1,52 +1,31 @@
 // ATen glue of the CUDA bias + LeakyReLU kernels (csrc/cuda/bias_leaky_relu.cu): argument checks
 // (shared with the CPU kernels: bact::check_args), the dense (outer, C, inner) view, device guard,
 // stream, allocation.  Built only against a CUDA torch (CMakeLists.txt).
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAException.h>
-#include <torch/library.h>
-#include "gankern/common.h"
+#include "gankern/cuda_glue.h"
 #include "gankern/bias_leaky_relu.h"
 
 namespace gankern {
-namespace bact_cuda {
-cudaError_t bact_fwd(int dtype, const void* x, const void* b, void* y, int64_t outer, int64_t C, int64_t inner,
-                     double slope, cudaStream_t st);
-int64_t bact_bwd_groups(int64_t outer, int64_t C, int64_t inner);
-cudaError_t bact_bwd(int dtype, const void* g, const void* y, void* dx, void* db, void* partial, int64_t outer,
-                     int64_t C, int64_t inner, double slope, cudaStream_t st);
-}  // namespace bact_cuda
-
 namespace {
 
-int dtype_code(at::ScalarType dt) {
-  switch (dt) {
-    case at::kFloat: return 0;
-    case at::kHalf: return 1;
-    case at::kBFloat16: return 2;
-    case at::kDouble: return 3;
-    default: TORCH_CHECK(false, "bias_leaky_relu: unsupported dtype ", dt);
-  }
-  return -1;
-}
+const char* kFwd = "gankern._bias_leaky_relu_fwd";
+const char* kBwd = "gankern._bias_leaky_relu_bwd";
 
 at::Tensor bact_fwd_cuda(const at::Tensor& input, const at::Tensor& bias, double slope, int64_t dim) {
-  const int64_t d = bact::check_args(input, bias, dim, "gankern._bias_leaky_relu_fwd");
+  const int64_t d = bact::check_args(input, bias, dim, kFwd);
   const c10::cuda::CUDAGuard guard(input.device());
   const bact::Dense x = bact::dense_view(input, d);
   const at::Tensor b = bias.contiguous();
   at::Tensor out = bact::new_dense(x, input.options());
   if (out.numel() == 0) return out;
-  C10_CUDA_CHECK(bact_cuda::bact_fwd(dtype_code(input.scalar_type()), x.t.const_data_ptr(), b.const_data_ptr(),
-                                     out.data_ptr(), x.outer, x.C, x.inner, slope,
-                                     at::cuda::getCurrentCUDAStream()));
+  GANKERN_CUDA_CHECK(kFwd, cuda::bact_forward(dtype_code(input.scalar_type()), x.t.const_data_ptr(),
+                                               b.const_data_ptr(), out.data_ptr(), x.outer, x.C, x.inner, slope,
+                                               cuda_stream()));
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> bact_bwd_cuda(const at::Tensor& grad_output, const at::Tensor& saved, double slope,
                                                  int64_t dim, std::array<bool, 2> mask) {
-  const int64_t d = bact::check_bwd_args(grad_output, saved, dim, "gankern._bias_leaky_relu_bwd");
+  const int64_t d = bact::check_bwd_args(grad_output, saved, dim, kBwd);
   at::Tensor gx, gb;
   if (!(mask[0] || mask[1])) return {gx, gb};
   const c10::cuda::CUDAGuard guard(saved.device());
@@ -61,12 +40,13 @@ std::tuple<at::Tensor, at::Tensor> bact_bwd_cuda(const at::Tensor& grad_output, 
   at::Tensor partial;
   if (mask[1]) {
     const auto acc = saved.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    partial = at::empty({bact_cuda::bact_bwd_groups(y.outer, y.C, y.inner), y.C}, saved.options().dtype(acc));
+    partial = at::empty({cuda::bact_bwd_groups(y.outer, y.C, y.inner), y.C}, saved.options().dtype(acc));
   }
-  C10_CUDA_CHECK(bact_cuda::bact_bwd(dtype_code(saved.scalar_type()), g.t.const_data_ptr(), y.t.const_data_ptr(),
-                                     mask[0] ? gx.data_ptr() : nullptr, mask[1] ? gb.data_ptr() : nullptr,
-                                     mask[1] ? partial.data_ptr() : nullptr, y.outer, y.C, y.inner, slope,
-                                     at::cuda::getCurrentCUDAStream()));
+  GANKERN_CUDA_CHECK(kBwd, cuda::bact_backward(dtype_code(saved.scalar_type()), g.t.const_data_ptr(),
+                                                y.t.const_data_ptr(), mask[0] ? gx.data_ptr() : nullptr,
+                                                mask[1] ? gb.data_ptr() : nullptr,
+                                                mask[1] ? partial.data_ptr() : nullptr, y.outer, y.C, y.inner, slope,
+                                                cuda_stream()));
   return {gx, gb};
 }
 

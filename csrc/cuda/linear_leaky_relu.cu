@@ -10,11 +10,10 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 #include "gankern/linear_leaky_relu.h"
+#include "gankern/cuda_launchers.h"
 
 namespace gankern {
 namespace llr_cuda {
-
-enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
 
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
@@ -103,29 +102,29 @@ cudaError_t dz_colsum(const void* g, const void* s, void* dz, void* partial, voi
 
 }  // namespace llr_cuda
 
-// ---- launchers (declared in linear_leaky_relu_glue.cpp) ----
-cudaError_t llr_act_cuda(void* out, const void* bias, int64_t M, int64_t N, double slope, int dtype, cudaStream_t st) {
-  using namespace llr_cuda;
+// ---- launchers (gankern/cuda_launchers.h) ----
+namespace cuda {
+
+cudaError_t llr_act(DType dtype, void* out, const void* bias, int64_t M, int64_t N, double slope, cudaStream_t st) {
   switch (dtype) {
-    case kF32: return act<float>(out, bias, M, N, slope, st);
-    case kF16: return act<__half>(out, bias, M, N, slope, st);
-    case kBF16: return act<__nv_bfloat16>(out, bias, M, N, slope, st);
-    case kF64: return act<double>(out, bias, M, N, slope, st);
+    case DType::F32: return llr_cuda::act<float>(out, bias, M, N, slope, st);
+    case DType::F16: return llr_cuda::act<__half>(out, bias, M, N, slope, st);
+    case DType::BF16: return llr_cuda::act<__nv_bfloat16>(out, bias, M, N, slope, st);
+    case DType::F64: return llr_cuda::act<double>(out, bias, M, N, slope, st);
   }
   return cudaErrorInvalidValue;
 }
 
-// partial: gy * N accumulators (double for kF64, else float); db may be nullptr (no bias gradient).
-cudaError_t llr_dz_colsum_cuda(const void* g, const void* s, void* dz, void* partial, void* db, int64_t M, int64_t N,
-                               int gy, double slope, int dtype, cudaStream_t st) {
-  using namespace llr_cuda;
+cudaError_t llr_dz_colsum(DType dtype, const void* g, const void* s, void* dz, void* partial, void* db, int64_t M,
+                          int64_t N, int gy, double slope, cudaStream_t st) {
   switch (dtype) {
-    case kF32: return dz_colsum<float>(g, s, dz, partial, db, M, N, gy, slope, st);
-    case kF16: return dz_colsum<__half>(g, s, dz, partial, db, M, N, gy, slope, st);
-    case kBF16: return dz_colsum<__nv_bfloat16>(g, s, dz, partial, db, M, N, gy, slope, st);
-    case kF64: return dz_colsum<double>(g, s, dz, partial, db, M, N, gy, slope, st);
+    case DType::F32: return llr_cuda::dz_colsum<float>(g, s, dz, partial, db, M, N, gy, slope, st);
+    case DType::F16: return llr_cuda::dz_colsum<__half>(g, s, dz, partial, db, M, N, gy, slope, st);
+    case DType::BF16: return llr_cuda::dz_colsum<__nv_bfloat16>(g, s, dz, partial, db, M, N, gy, slope, st);
+    case DType::F64: return llr_cuda::dz_colsum<double>(g, s, dz, partial, db, M, N, gy, slope, st);
   }
   return cudaErrorInvalidValue;
 }
 
+}  // namespace cuda
 }  // namespace gankern

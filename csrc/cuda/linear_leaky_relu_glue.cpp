@@ -2,46 +2,24 @@
 // Forward: cuBLAS(Lt) GEMM through ATen with the bias in the cuBLASLt epilogue (at::addmm_out into
 // a fresh output; fp32 GEMMs follow torch.backends.cuda.matmul.allow_tf32 as every at::mm does),
 // then the in-place LeakyReLU kernel.  Backward: one dZ + column-sum kernel, then two GEMMs.
-#include <torch/library.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <cuda_runtime.h>
 #include <algorithm>
-#include "gankern/common.h"
+#include "gankern/cuda_glue.h"
 #include "gankern/linear_leaky_relu.h"
 
 namespace gankern {
-cudaError_t llr_act_cuda(void* out, const void* bias, int64_t M, int64_t N, double slope, int dtype, cudaStream_t st);
-cudaError_t llr_dz_colsum_cuda(const void* g, const void* s, void* dz, void* partial, void* db, int64_t M, int64_t N,
-                               int gy, double slope, int dtype, cudaStream_t st);
-
 namespace llr {
 namespace {
 
 const char* kFwd = "gankern._linear_leaky_relu_fwd";
 const char* kBwd = "gankern._linear_leaky_relu_bwd";
 
-int dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return 0;
-    case at::kHalf: return 1;
-    case at::kBFloat16: return 2;
-    case at::kDouble: return 3;
-    default: TORCH_CHECK(false, "gankern.linear_leaky_relu: unsupported dtype ", t);
-  }
-  return -1;
-}
-
-void check_cuda(cudaError_t e, const char* op) {
-  TORCH_CHECK(e == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(e));
-}
-
 at::Tensor fwd_cuda(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
                     double slope) {
   GANKERN_NO_AUTOCAST();
-  const at::Tensor bias = bias_opt.has_value() ? *bias_opt : at::Tensor();
+  const at::Tensor bias = opt_tensor(bias_opt);
   check_args(input, weight, bias, kFwd);
-  TORCH_CHECK(input.is_cuda(), kFwd, ": expected CUDA tensors, got ", input.device());
+  // check_args: every tensor on the input's device; the dispatcher chose CUDA for one of them
+  TORCH_INTERNAL_ASSERT(input.is_cuda(), kFwd, ": the CUDA kernel got ", input.device());
   c10::cuda::CUDAGuard guard(input.device());
   const int64_t N = weight.size(0), K = weight.size(1);
   const int64_t M = c10::multiply_integers(input.sizes().slice(0, input.dim() - 1));
@@ -54,9 +32,8 @@ at::Tensor fwd_cuda(const at::Tensor& input, const at::Tensor& weight, const std
   if (bias.defined()) at::addmm_out(out2, bias, x2, weight.t());  // bias in the cuBLASLt epilogue
   else at::mm_out(out2, x2, weight.t());
   if (slope != 1.0) {
-    check_cuda(llr_act_cuda(out2.data_ptr(), nullptr, M, N, slope, dtype_code(input.scalar_type()),
-                            at::cuda::getCurrentCUDAStream()),
-               kFwd);
+    GANKERN_CUDA_CHECK(kFwd, cuda::llr_act(dtype_code(input.scalar_type()), out2.data_ptr(), nullptr, M, N, slope,
+                                           cuda_stream()));
   }
   return out;
 }
@@ -66,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_o
                                                         double slope, std::array<bool, 3> mask) {
   GANKERN_NO_AUTOCAST();
   check_bwd_args(grad_output, saved, input, weight, kBwd);
-  TORCH_CHECK(input.is_cuda(), kBwd, ": expected CUDA tensors, got ", input.device());
+  TORCH_INTERNAL_ASSERT(input.is_cuda(), kBwd, ": the CUDA kernel got ", input.device());  // as in fwd_cuda
   c10::cuda::CUDAGuard guard(input.device());
   const int64_t N = weight.size(0), K = weight.size(1);
   const int64_t M = c10::multiply_integers(input.sizes().slice(0, input.dim() - 1));
@@ -82,10 +59,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_o
   const auto acc_t = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor partial = mask[2] ? at::empty({gy, N}, g.options().dtype(acc_t)) : at::Tensor();
   if (M * N > 0) {
-    check_cuda(llr_dz_colsum_cuda(g.data_ptr(), s.data_ptr(), dz.data_ptr(),
-                                  partial.defined() ? partial.data_ptr() : nullptr, mask[2] ? gb.data_ptr() : nullptr,
-                                  M, N, gy, slope, dtype_code(input.scalar_type()), at::cuda::getCurrentCUDAStream()),
-               kBwd);
+    GANKERN_CUDA_CHECK(kBwd, cuda::llr_dz_colsum(dtype_code(input.scalar_type()), g.data_ptr(), s.data_ptr(),
+                                                 dz.data_ptr(), partial.defined() ? partial.data_ptr() : nullptr,
+                                                 mask[2] ? gb.data_ptr() : nullptr, M, N, gy, slope, cuda_stream()));
   } else if (mask[2]) {
     gb.zero_();
   }

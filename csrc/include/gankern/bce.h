@@ -11,12 +11,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
-
-#if defined(__CUDACC__)
-#define GANKERN_HD __host__ __device__ __forceinline__
-#else
-#define GANKERN_HD inline
-#endif
+#include "gankern/kernel_common.h"
 
 namespace gankern {
 namespace bce {

@@ -8,14 +8,7 @@
 // Any tensor is viewed, in its memory order, as (outer, C, inner): NCHW with dim=1 is
 // (N, C, H*W), channels-last is (N*H*W, C, 1), (N, C) is (N, C, 1).
 #pragma once
-
-#ifndef GANKERN_HD
-#if defined(__CUDACC__)
-#define GANKERN_HD __host__ __device__ __forceinline__
-#else
-#define GANKERN_HD inline
-#endif
-#endif
+#include "gankern/kernel_common.h"
 
 namespace gankern {
 namespace bact {

@@ -24,6 +24,7 @@
 #if defined(__unix__)
 #include <pthread.h>
 #endif
+#include "gankern/kernel_common.h"
 
 namespace gankern {
 
@@ -234,8 +235,6 @@ inline at::Tensor dense_or_transposed(const at::Tensor& t) {
   return dense(t);
 }
 
-// Dtype names as Python prints them ("torch.float32"), so that the C++ checks and their Python
-// twins (Triton backend, fake kernels) raise the very same messages.
 // Optional tensors.  Schemas take `Tensor?` (std::optional<at::Tensor>); kernels and saved
 // variables use an undefined at::Tensor for "absent".  One spelling for the conversions:
 inline bool has_tensor(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
@@ -251,6 +250,8 @@ inline std::string sizes_str(at::IntArrayRef s) {
   return o + "])";
 }
 
+// Dtype names as Python prints them ("torch.float32"), so that the C++ checks and their Python
+// twins (Triton backend, fake kernels) raise the very same messages.
 inline std::string py_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return "torch.float32";
@@ -266,6 +267,18 @@ inline std::string py_dtype(at::ScalarType t) {
     case at::kComplexFloat: return "torch.complex64";
     case at::kComplexDouble: return "torch.complex128";
     default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+// The kernel dtype code (gankern/kernel_common.h) of a tensor dtype.  The ops' argument checks
+// admit only these four, so any other dtype here is a bug.
+inline DType dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::F32;
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    case at::kDouble: return DType::F64;
+    default: TORCH_INTERNAL_ASSERT(false, "gankern: no kernel for dtype ", t);
   }
 }
 

@@ -8,14 +8,7 @@
 // For slope >= 0, y > 0 <=> z > 0 (including z = 0 -> slope, NaN -> slope), exactly as
 // torch's leaky_relu_backward, which tests `z > 0`.
 #pragma once
-
-#ifndef GANKERN_HD
-#if defined(__CUDACC__)
-#define GANKERN_HD __host__ __device__ __forceinline__
-#else
-#define GANKERN_HD inline
-#endif
-#endif
+#include "gankern/kernel_common.h"
 
 namespace gankern {
 namespace llr {
