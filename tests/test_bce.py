@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import gankern
 from gankern import _backends
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, HAS_EXT
 from tolerances import assert_close, sqrt_scale
 
 REDUCTIONS = ["none", "mean", "sum"]
@@ -13,7 +13,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1,), (7, 1), (127,), (1000, 1)]
 # (target kind, weight kind, pos_weight kind)
 VARIANTS = [("float", None, None), ("tensor", "full", None), ("tensor", "row", "row"), ("float", "scalar", "scalar")]
-HAS_CPP = "cpp" in CPU_BACKENDS
 HAS_TRITON = "triton" in CPU_BACKENDS
 
 
@@ -276,7 +275,7 @@ def test_bad_input_errors(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_bad_device_error_message(backend):
     # No second device here: a meta target / weight (the C++ checks, on every backend that has them)
-    if backend == "reference" and not HAS_CPP:
+    if backend == "reference" and not HAS_EXT:
         pytest.skip("the reference backend runs the C++ checks (gankern._C not built)")
     with pytest.raises(RuntimeError, match="target must be on the input's device"):
         gankern.bce_with_logits(torch.randn(3), torch.rand(3, device="meta"), backend=backend)
@@ -284,7 +283,7 @@ def test_bad_device_error_message(backend):
         gankern.bce_with_logits(torch.randn(3), 1.0, torch.rand(3, device="meta"), backend=backend)
 
 
-OVERLOADS = (["default"] if HAS_CPP else []) + (["triton"] if HAS_TRITON else [])
+OVERLOADS = (["default"] if HAS_EXT else []) + (["triton"] if HAS_TRITON else [])
 
 
 @pytest.mark.parametrize("overload", OVERLOADS)
@@ -327,7 +326,7 @@ def test_torch_compile_fullgraph(backend, target_kind):
     assert_close(xc.grad, xe.grad.double(), torch.float32, name="grad")
 
 
-@pytest.mark.skipif(not HAS_CPP, reason="gankern._C not built")
+@pytest.mark.needs_ext
 def test_torch_compile_inductor_cpp():
     torch._dynamo.reset()
     f = torch.compile(lambda x: gankern.bce_with_logits(torch.relu(x) * 2, 1.0, backend="cpp"), fullgraph=True)

@@ -4,11 +4,9 @@ import torch
 import torch.nn.functional as F
 
 import gankern
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, HAS_EXT
 from tolerances import assert_close, sqrt_scale
 
-HAS_CPP = gankern.backends()["cpp"]["available"]
-needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="gankern._C not built")
 needs_triton = pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton interpreter unavailable")
 KERNEL_BACKENDS = [b for b in CPU_BACKENDS if b != "reference"]
 
@@ -81,7 +79,7 @@ CASES = [  # shape, dim, dtype, slope, layout
 IDS = [f"{s}-d{d}-{str(t)[6:]}-s{sl}-{lay}" for s, d, t, sl, lay in CASES]
 
 
-@needs_cpp
+@pytest.mark.needs_ext
 @pytest.mark.parametrize("shape,dim,dtype,slope,layout", CASES, ids=IDS)
 def test_cpp_matches_torch_fp64(shape, dim, dtype, slope, layout):
     check("cpp", shape, dim, dtype, slope, layout)
@@ -182,7 +180,7 @@ def test_only_needed_grads_and_no_grad(backend):
     assert_close(y3, ref(x.double(), b.double(), 0.2, 1))
 
 
-@needs_cpp
+@pytest.mark.needs_ext
 def test_bias_sum_does_not_depend_on_thread_count():
     x, b = make((16, 32, 20, 20), 1, torch.float32, "channels_last")
     x.requires_grad_(), b.requires_grad_()
@@ -232,7 +230,7 @@ def test_bad_types(backend):
         gankern.bias_leaky_relu(torch.randn(2, 3), torch.randn(3), backend="nope")
 
 
-OVERLOADS = (["default"] if HAS_CPP else []) + (["triton"] if "triton" in CPU_BACKENDS else [])
+OVERLOADS = (["default"] if HAS_EXT else []) + (["triton"] if "triton" in CPU_BACKENDS else [])
 
 
 @pytest.mark.parametrize("overload", OVERLOADS)

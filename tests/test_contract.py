@@ -15,8 +15,7 @@ import torch
 import gankern
 from conftest import CPU_BACKENDS
 
-HAS_CPP = gankern.backends()["cpp"]["available"]
-pytestmark = pytest.mark.skipif(not HAS_CPP, reason="the checks live in gankern._C (not built)")
+pytestmark = pytest.mark.needs_ext  # the checks live in gankern._C
 
 META = "meta"
 

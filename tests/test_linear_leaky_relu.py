@@ -10,7 +10,6 @@ from conftest import CPU_BACKENDS
 from tolerances import assert_close, sqrt_scale
 
 OP = torch.ops.gankern.linear_leaky_relu.default if gankern.backends()["cpp"]["available"] else None
-needs_cpp = pytest.mark.skipif(OP is None, reason="gankern._C not built")
 needs_triton = pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton interpreter unavailable")
 
 
@@ -78,7 +77,7 @@ CPP_CASES = [
 ]
 
 
-@needs_cpp
+@pytest.mark.needs_ext
 @pytest.mark.parametrize("in_shape,N,dtype,slope,bias,noncontig", CPP_CASES,
                          ids=[f"{s}x{n}-{str(d)[6:]}-s{sl}-b{int(b)}-nc{int(nc)}" for s, n, d, sl, b, nc in CPP_CASES])
 def test_cpp_matches_torch_fp64(in_shape, N, dtype, slope, bias, noncontig):
@@ -157,7 +156,7 @@ def test_kink_and_nan_follow_torch(backend, slope):
         assert_close(got, exp, torch.float32, name=name)
 
 
-@needs_cpp
+@pytest.mark.needs_ext
 @pytest.mark.parametrize("engine,K,N", [("onednn", 512, 600), ("mkl", 512, 600),  # oneDNN-sized, also forced onto MKL
                                         ("onednn", 256, 300)])  # below the threshold: MKL, concurrent dX / dW
 @pytest.mark.parametrize("slope", [0.0, 0.2])
@@ -183,7 +182,7 @@ def test_large_nan_inf_follow_torch(monkeypatch, engine, K, N, slope):
     assert_close(gw[fin], gwr[fin], torch.float32, scale=sqrt_scale(128), name="grad_weight")
 
 
-@needs_cpp
+@pytest.mark.needs_ext
 @pytest.mark.parametrize("concurrent", ["1", "0"])
 def test_backward_gemms_concurrent_or_not(monkeypatch, concurrent):
     """The two backward GEMMs, at the same time on two threads or one after the other: both match fp64."""
@@ -282,7 +281,7 @@ def test_torch_compile_fullgraph(backend):
         assert_close(got, exp, scale=2, name="compiled grad")
 
 
-@needs_cpp
+@pytest.mark.needs_ext
 def test_inference_mode_and_direct_op():
     x, w, b = make((5, 4), 3, torch.float32)
     with torch.inference_mode():
