@@ -12,6 +12,7 @@ Fixed seed (``derandomize=True``) and a bounded number of examples, so CI takes 
 possible (no channels, an empty batch, one value per channel), run in a child pytest process: a
 crash there (SIGFPE, SIGSEGV) fails ``test_fuzz_degenerate``, it does not end the test run.
 """
+import importlib.util
 import math
 import os
 import subprocess
@@ -262,7 +263,8 @@ def test_fuzz_degenerate():
     """No channels / empty batch / one value per channel, every backend, in a child process (a crash fails
     this test instead of ending the run)."""
     env = dict(os.environ, GANKERN_FUZZ_CHILD="1")
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-n", "0",
+    no_xdist = ["-n", "0"] if importlib.util.find_spec("xdist") is not None else []  # pytest-xdist is optional
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *no_xdist,
                         __file__ + "::test_fuzz_degenerate_child"], capture_output=True, text=True, env=env,
                        cwd=os.path.dirname(__file__), timeout=1200)
     tail = (p.stdout + p.stderr)[-4000:]
