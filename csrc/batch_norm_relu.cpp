@@ -82,10 +82,8 @@ using BwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&,
                                                               const OptT&, const at::Tensor&, const at::Tensor&, bool,
                                                               double);
 
-// The implementations of the internal ops: an overload name of _batch_norm_relu_fwd / _bwd.  The
-// public op's kernels below are templates on it, so the checks and the autograd exist once.
-struct Native { static constexpr const char* overload = ""; };        // csrc/cpu, csrc/cuda
-struct Triton { static constexpr const char* overload = "triton"; };  // gankern/ops/batch_norm_relu.py
+// The public op's kernels below are templates on the implementation tag (gankern::Native /
+// gankern::Triton, common.h) that names the overload of _batch_norm_relu_fwd / _bwd they call.
 
 template <class Impl>
 const c10::TypedOperatorHandle<FwdSig>& fwd_op() {

@@ -112,10 +112,8 @@ using FwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, double, int64_t)
 using BwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double, int64_t,
                                                   std::array<bool, 2>);
 
-// The implementations of the internal ops: an overload name of _bias_leaky_relu_fwd / _bwd.  The
-// public op's kernels below are templates on it, so the checks and the autograd exist once.
-struct Native { static constexpr const char* overload = ""; };        // csrc/cpu, csrc/cuda
-struct Triton { static constexpr const char* overload = "triton"; };  // gankern/ops/bias_leaky_relu.py
+// The public op's kernels below are templates on the implementation tag (gankern::Native /
+// gankern::Triton, common.h) that names the overload of _bias_leaky_relu_fwd / _bwd they call.
 
 template <class Impl>
 const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
@@ -215,13 +213,13 @@ TORCH_LIBRARY_FRAGMENT(gankern, m) {
 }
 
 TORCH_LIBRARY_IMPL(gankern, Autograd, m) {
-  m.impl("bias_leaky_relu", &gankern::bact::bact_autograd<gankern::bact::Native>);
-  m.impl("bias_leaky_relu.triton", &gankern::bact::bact_autograd<gankern::bact::Triton>);
+  m.impl("bias_leaky_relu", &gankern::bact::bact_autograd<gankern::Native>);
+  m.impl("bias_leaky_relu.triton", &gankern::bact::bact_autograd<gankern::Triton>);
 }
 
 TORCH_LIBRARY_IMPL(gankern, CompositeExplicitAutograd, m) {
-  m.impl("bias_leaky_relu", &gankern::bact::bact_composite<gankern::bact::Native>);
-  m.impl("bias_leaky_relu.triton", &gankern::bact::bact_composite<gankern::bact::Triton>);
+  m.impl("bias_leaky_relu", &gankern::bact::bact_composite<gankern::Native>);
+  m.impl("bias_leaky_relu.triton", &gankern::bact::bact_composite<gankern::Triton>);
 }
 
 TORCH_LIBRARY_IMPL(gankern, CompositeImplicitAutograd, m) {

@@ -75,10 +75,8 @@ using FwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optio
 using BwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                               const at::Tensor&, double, std::array<bool, 3>);
 
-// The implementations of the internal ops: an overload name of _linear_leaky_relu_fwd / _bwd.  The
-// public op's kernels below are templates on it, so the checks and the autograd exist once.
-struct Native { static constexpr const char* overload = ""; };        // csrc/cpu, csrc/cuda
-struct Triton { static constexpr const char* overload = "triton"; };  // gankern/ops/linear_leaky_relu.py
+// The public op's kernels below are templates on the implementation tag (gankern::Native /
+// gankern::Triton, common.h) that names the overload of _linear_leaky_relu_fwd / _bwd they call.
 
 template <class Impl>
 const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
@@ -216,13 +214,13 @@ TORCH_LIBRARY_FRAGMENT(gankern, m) {
 }
 
 TORCH_LIBRARY_IMPL(gankern, Autograd, m) {
-  m.impl("linear_leaky_relu", &gankern::llr::llr_autograd<gankern::llr::Native>);
-  m.impl("linear_leaky_relu.triton", &gankern::llr::llr_autograd<gankern::llr::Triton>);
+  m.impl("linear_leaky_relu", &gankern::llr::llr_autograd<gankern::Native>);
+  m.impl("linear_leaky_relu.triton", &gankern::llr::llr_autograd<gankern::Triton>);
 }
 
 TORCH_LIBRARY_IMPL(gankern, CompositeExplicitAutograd, m) {
-  m.impl("linear_leaky_relu", &gankern::llr::llr_composite<gankern::llr::Native>);
-  m.impl("linear_leaky_relu.triton", &gankern::llr::llr_composite<gankern::llr::Triton>);
+  m.impl("linear_leaky_relu", &gankern::llr::llr_composite<gankern::Native>);
+  m.impl("linear_leaky_relu.triton", &gankern::llr::llr_composite<gankern::Triton>);
 }
 
 TORCH_LIBRARY_IMPL(gankern, CompositeImplicitAutograd, m) {

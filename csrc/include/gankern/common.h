@@ -243,6 +243,12 @@ inline std::optional<at::Tensor> to_optional(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
+// The implementations of an op's internal kernel ops `gankern::_<op>_fwd` / `_bwd`, as overload names:
+// the public op's autograd and composite kernels are templates on one of these tags, so an op's checks
+// and autograd exist once for every implementation.
+struct Native { static constexpr const char* overload = ""; };        // csrc/cpu, csrc/cuda
+struct Triton { static constexpr const char* overload = "triton"; };  // gankern/ops/<op>.py -> gankern/triton
+
 // A shape as Python prints it, "torch.Size([2, 3])" (error messages match torch's).
 inline std::string sizes_str(at::IntArrayRef s) {
   std::string o = "torch.Size([";
