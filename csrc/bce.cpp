@@ -105,20 +105,11 @@ using BwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::T
 // The public op's kernels below are templates on the implementation tag (gankern::Native /
 // gankern::Triton, common.h) that names the overload of _bce_with_logits_fwd / _bwd they call.
 
+constexpr char kFwdOp[] = "gankern::_bce_with_logits_fwd", kBwdOp[] = "gankern::_bce_with_logits_bwd";
 template <class Impl>
-const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("gankern::_bce_with_logits_fwd", Impl::overload)
-                             .template typed<FwdSig>();
-  return op;
-}
+const c10::TypedOperatorHandle<FwdSig>& fwd_op() { return internal_op<FwdSig, Impl, kFwdOp>(); }
 template <class Impl>
-const c10::TypedOperatorHandle<BwdSig>& bwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("gankern::_bce_with_logits_bwd", Impl::overload)
-                             .template typed<BwdSig>();
-  return op;
-}
+const c10::TypedOperatorHandle<BwdSig>& bwd_op() { return internal_op<BwdSig, Impl, kBwdOp>(); }
 
 // The backward from differentiable ATen ops (torch's formulas), for create_graph=True.
 std::tuple<at::Tensor, at::Tensor> backward_differentiable(const at::Tensor& go, const at::Tensor& x,

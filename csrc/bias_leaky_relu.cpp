@@ -115,21 +115,12 @@ using BwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::T
 // The public op's kernels below are templates on the implementation tag (gankern::Native /
 // gankern::Triton, common.h) that names the overload of _bias_leaky_relu_fwd / _bwd they call.
 
+constexpr char kFwdOp[] = "gankern::_bias_leaky_relu_fwd", kBwdOp[] = "gankern::_bias_leaky_relu_bwd";
 template <class Impl>
-const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("gankern::_bias_leaky_relu_fwd", Impl::overload)
-                             .template typed<FwdSig>();
-  return op;
-}
+const c10::TypedOperatorHandle<FwdSig>& fwd_op() { return internal_op<FwdSig, Impl, kFwdOp>(); }
 
 template <class Impl>
-const c10::TypedOperatorHandle<BwdSig>& bwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("gankern::_bias_leaky_relu_bwd", Impl::overload)
-                             .template typed<BwdSig>();
-  return op;
-}
+const c10::TypedOperatorHandle<BwdSig>& bwd_op() { return internal_op<BwdSig, Impl, kBwdOp>(); }
 
 std::vector<int64_t> other_dims(int64_t n, int64_t dim) {
   std::vector<int64_t> r;

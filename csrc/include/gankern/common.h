@@ -2,6 +2,7 @@
 // Not for .cu files: those stay free of ATen headers.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
@@ -248,6 +249,14 @@ inline std::optional<at::Tensor> to_optional(const at::Tensor& t) {
 // and autograd exist once for every implementation.
 struct Native { static constexpr const char* overload = ""; };        // csrc/cpu, csrc/cuda
 struct Triton { static constexpr const char* overload = "triton"; };  // gankern/ops/<op>.py -> gankern/triton
+
+// The typed handle of one internal op's overload (Impl::overload), looked up once:
+//   constexpr char kFwdOp[] = "gankern::_<op>_fwd";  internal_op<FwdSig, Impl, kFwdOp>().call(...)
+template <class Sig, class Impl, const char* Name>
+const c10::TypedOperatorHandle<Sig>& internal_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(Name, Impl::overload).template typed<Sig>();
+  return op;
+}
 
 // A shape as Python prints it, "torch.Size([2, 3])" (error messages match torch's).
 inline std::string sizes_str(at::IntArrayRef s) {
