@@ -29,6 +29,10 @@ def batch_norm_leaky_relu(input, running_mean, running_var, weight=None, bias=No
     No channels (C == 0): an empty output and empty gradients (torch's own batch_norm raises an
     IndexError from its empty-input path when given weight / bias; that is no contract to copy).
     """
+    # dense parameters: torch 2.13's CPU batch_norm backward gives a wrong grad_input for an expanded (stride 0)
+    # weight (0.4 off at (6, 3)); a dense copy is the same values
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
     if input.dim() >= 2 and input.shape[1] == 0:
         out = F.batch_norm(input, running_mean, running_var, None, None, training, momentum, eps)
         for p in (weight, bias):

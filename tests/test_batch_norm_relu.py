@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import gankern
 from gankern import _backends
 from conftest import CPU_BACKENDS
-from tolerances import assert_close, sqrt_scale
+from tolerances import assert_close, assert_close_magnitude, sqrt_scale
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SLOPES = [0.0, 0.2]
@@ -709,7 +709,9 @@ def test_eval_backward_nonfinite_like_torch(backend, shape, fmt, slope):
 @pytest.mark.parametrize("scale", [1e30, 1e-30, 3e36])
 def test_extreme_magnitudes_finite_like_torch(backend, scale, slope):
     """Data of magnitude 1e30 (squared deviations beyond float32) gave NaN on Triton; torch fp32 is finite.
-    Output as close to the float64 result as torch's own fp32 kernel (+ the fp32 tolerance)."""
+    Output and input gradient within the fp32 tolerance of the float64 result, relative to its largest value:
+    stricter than torch's own fp32 kernel, whose input gradient at 1e30 is off by 100% (its coefficient
+    -w invstd^3 sgd / M underflows fp32; the dx here is ~1e-30, well inside the fp32 range)."""
     x = torch.randn(64, 4, 3) * scale
     w, b = torch.randn(4), torch.randn(4)
     g = torch.randn(64, 4, 3)
@@ -721,10 +723,8 @@ def test_extreme_magnitudes_finite_like_torch(backend, scale, slope):
         ye, rme, rve, dxe, dwe, dbe = run(ref, x, w, b, rm, rv, training, 0.1, 1e-5, g, torch.float64)
         for name, a, t in (("output", y, yt), ("grad_input", dx, dxt), ("running_mean", rm1, rmt)):
             assert torch.isfinite(a).eq(torch.isfinite(t)).all(), f"{name}: finiteness differs from torch fp32"
-        err, err_t = (y.double() - ye).abs().max().item(), (yt.double() - ye).abs().max().item()
-        assert err <= 2 * err_t + 1e-3, (training, err, err_t)
-        err, err_t = (dx.double() - dxe).abs().max().item(), (dxt.double() - dxe).abs().max().item()
-        assert err <= 2 * err_t + 1e-3, (training, err, err_t)
+        assert_close_magnitude(y, ye, torch.float32, name=f"output (training={training})")
+        assert_close_magnitude(dx, dxe, torch.float32, name=f"grad_input (training={training})")
 
 
 def _strided(kind, C, lo=0.0):

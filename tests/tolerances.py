@@ -44,6 +44,16 @@ def assert_close(actual, expected64, dtype=None, scale=1.0, name="output"):
                                msg=lambda m: f"{name} ({dtype}): {m}", **tol(dtype, scale))
 
 
+def assert_close_magnitude(actual, expected64, dtype=None, name="output"):
+    """``assert_close`` for data of any magnitude (1e-30, 1e30): the absolute tolerance is relative to the
+    largest expected value, so an answer that is off by 100% at 1e-30 fails (a plain atol would pass it)."""
+    dtype = dtype or actual.dtype
+    big = expected64.detach().double().abs().max().item()
+    t = TOL[dtype]
+    torch.testing.assert_close(actual.detach().double(), expected64.detach().double(), equal_nan=True,
+                               atol=t["atol"] * big, rtol=t["rtol"], msg=lambda m: f"{name} ({dtype}): {m}")
+
+
 def sqrt_scale(n):
     return max(1.0, math.sqrt(n) / 4)
 

@@ -8,7 +8,7 @@ namespace {
 
 // ------------------------------------------------------------------ backward
 // Per-channel sums of g and g * (x - mean), with g = dy where the ReLU is open (the mask
-// recomputed from x with the forward's fma); then dx = k1 * g + k3 * (x - mean) + k2.
+// recomputed from x with the forward's fma); then dx = k1 * g + k3 * (x - mean) * invstd + k2.
 // Rows layout: the same partition scheme as the forward (fused per column block when possible).
 
 // Sums over rows [r_begin, r_end) x columns [c0, c1), outputs indexed by channel: sweeps of
@@ -138,20 +138,22 @@ void bwd_sums_planar(const T* dy, const T* x, int64_t N, int64_t C, int64_t S, c
   }
 }
 
-// TRAIN: dx = g * k1 + (x - mean) * k3 + k2; evaluation: dx = g * k1 only (k2 = k3 = 0 there, and
-// (x - mean) * 0 would turn an infinite x into a NaN gradient where torch's is finite).
+// TRAIN: dx = g * k1 + ((x - mean) * invstd) * k3 + k2; evaluation: dx = g * k1 only (k2 = k3 = 0 there, and
+// (x - mean) * 0 would turn an infinite x into a NaN gradient where torch's is finite).  (x - mean) * invstd
+// is O(1) at any data scale, so k3 (see bwd_coef) stays representable where the textbook coefficient
+// -w invstd^3 sgd / M does not (1e30-scale fp32 data: 1e-60).
 template <bool LEAKY, bool TRAIN, typename V>
-inline V dx_one(const V& xv, const V& gv, const V& mv, const V& sc, const V& sf, const V& a1, const V& a2,
-                const V& a3, const V& sl) {
+inline V dx_one(const V& xv, const V& gv, const V& mv, const V& iv, const V& sc, const V& sf, const V& a1,
+                const V& a2, const V& a3, const V& sl) {
   const V g = act_grad_v<LEAKY>(fma_v(xv, sc, sf), gv, sl);
-  if constexpr (TRAIN) return fma_v(g, a1, fma_v(xv - mv, a3, a2));
+  if constexpr (TRAIN) return fma_v(g, a1, fma_v((xv - mv) * iv, a3, a2));
   else return g * a1;
 }
 
 template <typename T, bool LEAKY, bool TRAIN>
 void dx_block(const T* __restrict dy, const T* __restrict x, T* __restrict dx, int64_t C, int64_t rb, int64_t re,
               int64_t c0, int64_t c1, const typename VecIO<T>::acc_t* __restrict mean,
-              const typename VecIO<T>::acc_t* __restrict scale, const typename VecIO<T>::acc_t* __restrict shift,
+              const typename VecIO<T>::acc_t* __restrict invstd, const typename VecIO<T>::acc_t* __restrict scale, const typename VecIO<T>::acc_t* __restrict shift,
               const typename VecIO<T>::acc_t* __restrict k1, const typename VecIO<T>::acc_t* __restrict k2,
               const typename VecIO<T>::acc_t* __restrict k3, bool cached, typename VecIO<T>::acc_t slope) {
   using IO = VecIO<T>;
@@ -165,9 +167,10 @@ void dx_block(const T* __restrict dy, const T* __restrict x, T* __restrict dx, i
     for_chunks<KD>(c0, c1, W, [&](auto KC, auto TC, int64_t c, int64_t nl) {
       constexpr int K = decltype(KC)::value;
       constexpr bool TAIL = decltype(TC)::value;
-      V mv[K], sc[K], sf[K], a1[K], a2[K], a3[K];
+      V mv[K], iv[K], sc[K], sf[K], a1[K], a2[K], a3[K];
       for (int k = 0; k < K; ++k) {
         mv[k] = IO::template ldp<TAIL>(mean + c + k * W, nl);
+        iv[k] = IO::template ldp<TAIL>(invstd + c + k * W, nl);
         sc[k] = IO::template ldp<TAIL>(scale + c + k * W, nl);
         sf[k] = IO::template ldp<TAIL>(shift + c + k * W, nl);
         a1[k] = IO::template ldp<TAIL>(k1 + c + k * W, nl);
@@ -181,7 +184,7 @@ void dx_block(const T* __restrict dy, const T* __restrict x, T* __restrict dx, i
         for (int k = 0; k < K; ++k)
           IO::template st<TAIL>(pd + k * W,
                                 dx_one<LEAKY, TRAIN>(IO::template ld<TAIL>(px + k * W, nl),
-                                                     IO::template ld<TAIL>(pg + k * W, nl), mv[k], sc[k], sf[k],
+                                                     IO::template ld<TAIL>(pg + k * W, nl), mv[k], iv[k], sc[k], sf[k],
                                                      a1[k], a2[k], a3[k], sl),
                                 nl);
     });
@@ -191,7 +194,7 @@ void dx_block(const T* __restrict dy, const T* __restrict x, T* __restrict dx, i
 template <typename T, bool LEAKY, bool TRAIN>
 void dx_planar(const T* __restrict dy, const T* __restrict x, T* __restrict dx, int64_t C, int64_t S, int64_t i0,
                int64_t i1, const typename VecIO<T>::acc_t* __restrict mean,
-               const typename VecIO<T>::acc_t* __restrict scale, const typename VecIO<T>::acc_t* __restrict shift,
+               const typename VecIO<T>::acc_t* __restrict invstd, const typename VecIO<T>::acc_t* __restrict scale, const typename VecIO<T>::acc_t* __restrict shift,
                const typename VecIO<T>::acc_t* __restrict k1, const typename VecIO<T>::acc_t* __restrict k2,
                const typename VecIO<T>::acc_t* __restrict k3, typename VecIO<T>::acc_t slope) {
   using IO = VecIO<T>;
@@ -200,22 +203,23 @@ void dx_planar(const T* __restrict dy, const T* __restrict x, T* __restrict dx, 
   constexpr int64_t W = IO::W;
   int64_t c = i0 % C;
   for (int64_t i = i0; i < i1; ++i, c = c + 1 == C ? 0 : c + 1) {
-    const V mv(mean[c]), sc(scale[c]), sf(shift[c]), a1(k1[c]), a2(k2[c]), a3(k3[c]);
+    const V mv(mean[c]), iv(invstd[c]), sc(scale[c]), sf(shift[c]), a1(k1[c]), a2(k2[c]), a3(k3[c]);
     const T* px = x + i * S;
     const T* pg = dy + i * S;
     T* pd = dx + i * S;
     int64_t s = 0;
     for (; s + W <= S; s += W)
-      IO::store(pd + s, dx_one<LEAKY, TRAIN>(IO::load(px + s), IO::load(pg + s), mv, sc, sf, a1, a2, a3, sl));
+      IO::store(pd + s, dx_one<LEAKY, TRAIN>(IO::load(px + s), IO::load(pg + s), mv, iv, sc, sf, a1, a2, a3, sl));
     if (s < S)
       IO::store(pd + s,
-                dx_one<LEAKY, TRAIN>(IO::load(px + s, S - s), IO::load(pg + s, S - s), mv, sc, sf, a1, a2, a3, sl),
+                dx_one<LEAKY, TRAIN>(IO::load(px + s, S - s), IO::load(pg + s, S - s), mv, iv, sc, sf, a1, a2, a3, sl),
                 S - s);
   }
 }
 
-// dw = sgd * invstd; dx = k1 * g + k3 * (x - mean) + k2 with k1 = w * invstd and, in training,
-// k2 = -k1 * sg / M, k3 = -k1 * invstd^2 * sgd / M (sg = sum(g), sgd = sum(g * (x - mean))).
+// dw = sgd * invstd; dx = k1 * g + k3 * (x - mean) * invstd + k2 with k1 = w * invstd and, in training,
+// k2 = -k1 * sg / M, k3 = -k1 * invstd * sgd / M (sg = sum(g), sgd = sum(g * (x - mean))); in double, then
+// rounded (each is within range where invstd^2 alone is not).
 template <typename acc_t>
 inline void bwd_coef(const double* __restrict sg, const double* __restrict sgd, const acc_t* __restrict invstd,
                      const acc_t* __restrict w, double* __restrict dw, acc_t* __restrict k1, acc_t* __restrict k2,
@@ -226,7 +230,7 @@ inline void bwd_coef(const double* __restrict sg, const double* __restrict sgd, 
     const double a = double(w[j]) * is;
     k1[j] = static_cast<acc_t>(a);
     k2[j] = training ? static_cast<acc_t>(-a * sg[j] * inv_M) : acc_t(0);
-    k3[j] = training ? static_cast<acc_t>(-a * is * is * sgd[j] * inv_M) : acc_t(0);
+    k3[j] = training ? static_cast<acc_t>(-a * is * sgd[j] * inv_M) : acc_t(0);
   }
 }
 
@@ -278,7 +282,7 @@ void bwd_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt, cons
     bwd_sums_planar<T, LEAKY>(dy, x, sh.N, C, S, mean, scale, shift, p1, p2, slope);
     coef(0, C);
     run_rows(sh.N * C, S, [=](int64_t i0, int64_t i1) {
-      dx_planar<T, LEAKY, TRAIN>(dy, x, dx, C, S, i0, i1, mean, scale, shift, k1, k2, k3, slope);
+      dx_planar<T, LEAKY, TRAIN>(dy, x, dx, C, S, i0, i1, mean, invstd, scale, shift, k1, k2, k3, slope);
     });
   } else if (P.fused) {
     run_tasks(P.ntasks(), M * C, [&](int64_t t0, int64_t t1) {
@@ -286,7 +290,7 @@ void bwd_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt, cons
         const int64_t c0 = P.c0(t), c1 = P.c1(t);
         bwd_sums_task<T, LEAKY>(dy, x, C, 0, M, c0, c1, mean, scale, shift, p1, p2, slope);
         coef(c0, c1);
-        dx_block<T, LEAKY, TRAIN>(dy, x, dx, C, 0, M, c0, c1, mean, scale, shift, k1, k2, k3, true, slope);
+        dx_block<T, LEAKY, TRAIN>(dy, x, dx, C, 0, M, c0, c1, mean, invstd, scale, shift, k1, k2, k3, true, slope);
       }
     });
   } else {
@@ -308,7 +312,7 @@ void bwd_impl(const at::Tensor& dyt, const at::Tensor& xt, at::Tensor& dxt, cons
     coef(0, C);
     run_tasks(P.ntasks(), M * C, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
-        dx_block<T, LEAKY, TRAIN>(dy, x, dx, C, P.r0(t), P.r1(t), P.c0(t), P.c1(t), mean, scale, shift, k1, k2, k3,
+        dx_block<T, LEAKY, TRAIN>(dy, x, dx, C, P.r0(t), P.r1(t), P.c0(t), P.c1(t), mean, invstd, scale, shift, k1, k2, k3,
                                   false, slope);
     });
   }

@@ -23,6 +23,25 @@ namespace {
 constexpr int64_t kShiftRows = 16;
 constexpr double kShiftTol = 0.5;
 
+// Sum, mean and m2 of the values p[i * stride] (i < n) in double, two-pass: the exact paths' rescue when a
+// tile's float sums are not finite for finite data (|x - mean| beyond ~1e19 squares past float's range; sums of
+// ~1e37 values overflow), as torch's CPU kernel (double accumulation) stays finite there.  Non-finite data gives
+// a non-finite sum here too (the non-finite rule, finite_rule, then decides).
+template <typename T>
+void tile_stats_double(const T* __restrict p, int64_t stride, int64_t n, double& sum, double& mean, double& m2) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += double(p[i * stride]);
+  const double m = s / double(n);
+  double q = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = double(p[i * stride]) - m;
+    q += d * d;
+  }
+  sum = s;
+  mean = m;
+  m2 = q;
+}
+
 // Exact statistics of one column chunk over rows [r_begin, r_end): two-pass per tile, tiles merged
 // with Chan's update (in double, vectorized across the chunk's channels).  Also the plain sum.
 template <typename T, int K, bool TAIL>
@@ -64,17 +83,19 @@ void stats_chunk_exact(const T* __restrict x, int64_t C, int64_t r_begin, int64_
     const double f = cntd / (n_acc + cntd), nf = n_acc * f;
     for (int64_t j = 0; j < n; ++j) {
       const double corr = double(bd[j]);
-      const double tm = double(bm[j]) + corr * inv;
-      const double t2 = std::max(0.0, double(bq[j]) - corr * corr * inv);
+      double tm = double(bm[j]) + corr * inv;
+      double t2 = std::max(0.0, double(bq[j]) - corr * corr * inv);
+      double ts = double(bs[j]);
+      if (!std::isfinite(ts) || !std::isfinite(t2)) tile_stats_double(p0 + j, C, cnt, ts, tm, t2);
       if (n_acc == 0) {
         am[j] = tm;
         a2[j] = t2;
-        as[j] = double(bs[j]);
+        as[j] = ts;
       } else {
         const double delta = tm - am[j];
         am[j] = am[j] + delta * f;
         a2[j] = a2[j] + (t2 + delta * delta * nf);
-        as[j] = as[j] + double(bs[j]);
+        as[j] = as[j] + ts;
       }
     }
     n_acc += cntd;
@@ -299,7 +320,6 @@ void planar_task_exact(const T* x, int64_t C, int64_t S, int64_t c, int64_t n_be
       PV::segment(x + (n * C + c) * S, S, zero, zero, [&](const V& v, const V&) { acc = acc + v; });
     const double cnt = double((n1 - n0) * S);
     const double tsum = double(PV::hsum(acc));
-    sa += tsum;
     const acc_t m = static_cast<acc_t>(tsum / cnt);
     alignas(64) acc_t kb[PV::W];
     std::fill(kb, kb + PV::W, m);
@@ -312,7 +332,19 @@ void planar_task_exact(const T* x, int64_t C, int64_t S, int64_t c, int64_t n_be
         sq = fma_v(d, d, sq);
       });
     const double corr = double(PV::hsum(sd)), q = double(PV::hsum(sq));
-    bnr::chan_merge(na, ma, qa, cnt, double(m) + corr / cnt, std::max(0.0, q - corr * corr / cnt));
+    double tm = double(m) + corr / cnt, t2 = std::max(0.0, q - corr * corr / cnt), ts = tsum;
+    if (!std::isfinite(ts) || !std::isfinite(t2)) {  // see tile_stats_double; the tile's segments in turn
+      double n_t = 0;
+      ts = tm = t2 = 0;
+      for (int64_t n = n0; n < n1; ++n) {
+        double s1, m1, q1;
+        tile_stats_double(x + (n * C + c) * S, 1, S, s1, m1, q1);
+        bnr::chan_merge(n_t, tm, t2, double(S), m1, q1);
+        ts += s1;
+      }
+    }
+    sa += ts;
+    bnr::chan_merge(na, ma, qa, cnt, tm, t2);
   }
 }
 

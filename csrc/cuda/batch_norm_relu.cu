@@ -1,12 +1,13 @@
 // CUDA kernels of the fused BatchNorm + ReLU.  Plain kernels + launchers (no ATen); the glue
 // is csrc/cuda/batch_norm_relu_glue.cpp.
 //
-// Forward (training): per-channel partial statistics of x - K (K = the channel's first value) over a fixed split of the rows (each
-// thread Welford, then a fixed-order Chan merge inside the block: shared memory / warp
-// shuffles), a second kernel merging the partials in a fixed order (deterministic, no atomics)
+// Forward (training): per-channel partial statistics of x - K (K = the channel's first value) over a fixed split
+// of the rows, in double for every input dtype (each thread Welford, then a fixed-order Chan merge inside the
+// block: shared memory / warp shuffles; plus the plain sum for non-finite data), a second kernel merging the partials in a fixed order (deterministic, no atomics)
 // that also updates the running stats and folds scale/shift, then one elementwise pass.
 // Backward: partial (sum g, sum g*(x-mean)) the same way, a per-channel final kernel, and one
-// elementwise pass for dx.  The activation's mask is recomputed from x with the forward's fma.
+// elementwise pass for dx = g k1 + ((x - mean) invstd) k3 + k2 (the textbook k3 = -w invstd^3 sgd / M
+// underflows float at 1e30-scale data; (x - mean) invstd is O(1) at any scale).  The activation's mask is recomputed from x with the forward's fma.
 // Activation: relu for negative_slope == 0, leaky_relu for negative_slope > 0 (bnr::act /
 // bnr::act_grad, shared with the CPU kernels).  Training on an empty batch (N * S == 0) leaves
 // the running statistics unchanged and gives zero weight / bias gradients (as torch).
@@ -14,6 +15,7 @@
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <cfloat>
 #include <cstdint>
 #include "gankern/batch_norm_relu.h"
 #include "gankern/cuda_launchers.h"
@@ -71,17 +73,19 @@ Plan make_plan(int64_t N, int64_t C, int64_t S, bool rows) {
 // ------------------------------------------------------------------ forward statistics
 template <typename T, typename A>
 __global__ void stats_rows_kernel(const T* __restrict__ x, int64_t R, int64_t C, int64_t rows_per_prog,
-                                  A* __restrict__ pn, A* __restrict__ pmean, A* __restrict__ pm2) {
-  __shared__ A sn[kRowsTY][kRowsTX], sm[kRowsTY][kRowsTX], s2[kRowsTY][kRowsTX];
+                                  A* __restrict__ pn, A* __restrict__ pmean, A* __restrict__ pm2, A* __restrict__ psum) {
+  __shared__ A sn[kRowsTY][kRowsTX], sm[kRowsTY][kRowsTX], s2[kRowsTY][kRowsTX], ss[kRowsTY][kRowsTX];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t c = int64_t(blockIdx.x) * kRowsTX + tx;
   const int64_t r0 = int64_t(blockIdx.y) * rows_per_prog;
   const int64_t r1 = r0 + rows_per_prog < R ? r0 + rows_per_prog : R;
-  A n = 0, mean = 0, m2 = 0;
+  A n = 0, mean = 0, m2 = 0, sum = 0;
   if (c < C) {
     const A K = to_acc(x[c]);  // shift: the channel's first value (see fold_kernel)
     for (int64_t r = r0 + ty; r < r1; r += kRowsTY) {
-      const A v = A(to_acc(x[r * C + c])) - K;
+      const A xv = A(to_acc(x[r * C + c]));
+      const A v = xv - K;
+      sum += xv;  // plain sum: the non-finite rule (see fold_kernel)
       n += A(1);
       const A d = v - mean;
       mean += d / n;
@@ -91,28 +95,35 @@ __global__ void stats_rows_kernel(const T* __restrict__ x, int64_t R, int64_t C,
   sn[ty][tx] = n;
   sm[ty][tx] = mean;
   s2[ty][tx] = m2;
+  ss[ty][tx] = sum;
   __syncthreads();
   if (ty == 0 && c < C) {
-    for (int j = 1; j < kRowsTY; ++j) chan_merge(n, mean, m2, sn[j][tx], sm[j][tx], s2[j][tx]);
+    for (int j = 1; j < kRowsTY; ++j) {
+      chan_merge(n, mean, m2, sn[j][tx], sm[j][tx], s2[j][tx]);
+      sum += ss[j][tx];
+    }
     const int64_t o = int64_t(blockIdx.y) * C + c;
     pn[o] = n;
     pmean[o] = mean;
     pm2[o] = m2;
+    psum[o] = sum;
   }
 }
 
 template <typename T, typename A>
 __global__ void stats_planar_kernel(const T* __restrict__ x, int64_t R, int64_t C, int64_t S, int64_t rows_per_prog,
-                                    A* __restrict__ pn, A* __restrict__ pmean, A* __restrict__ pm2) {
-  __shared__ A wn[kPlanarThreads / 32], wm[kPlanarThreads / 32], w2[kPlanarThreads / 32];
+                                    A* __restrict__ pn, A* __restrict__ pmean, A* __restrict__ pm2, A* __restrict__ psum) {
+  __shared__ A wn[kPlanarThreads / 32], wm[kPlanarThreads / 32], w2[kPlanarThreads / 32], ws[kPlanarThreads / 32];
   const int64_t c = blockIdx.x;
   const int64_t r0 = int64_t(blockIdx.y) * rows_per_prog;
   const int64_t r1 = r0 + rows_per_prog < R ? r0 + rows_per_prog : R;
-  A n = 0, mean = 0, m2 = 0;
+  A n = 0, mean = 0, m2 = 0, sum = 0;
   const A K = to_acc(x[c * S]);  // shift: the channel's first value (see fold_kernel)
   for (int64_t r = r0 + threadIdx.x; r < r1; r += kPlanarThreads) {
     const int64_t nn = r / S, s = r - nn * S;
-    const A v = A(to_acc(x[(nn * C + c) * S + s])) - K;
+    const A xv = A(to_acc(x[(nn * C + c) * S + s]));
+    const A v = xv - K;
+    sum += xv;  // plain sum: the non-finite rule (see fold_kernel)
     n += A(1);
     const A d = v - mean;
     mean += d / n;
@@ -122,25 +133,35 @@ __global__ void stats_planar_kernel(const T* __restrict__ x, int64_t R, int64_t 
     const A on = __shfl_down_sync(0xffffffffu, n, off);
     const A om = __shfl_down_sync(0xffffffffu, mean, off);
     const A o2 = __shfl_down_sync(0xffffffffu, m2, off);
+    sum += __shfl_down_sync(0xffffffffu, sum, off);
     chan_merge(n, mean, m2, on, om, o2);
   }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) { wn[warp] = n; wm[warp] = mean; w2[warp] = m2; }
+  if (lane == 0) { wn[warp] = n; wm[warp] = mean; w2[warp] = m2; ws[warp] = sum; }
   __syncthreads();
   if (threadIdx.x == 0) {
-    for (int j = 1; j < kPlanarThreads / 32; ++j) chan_merge(n, mean, m2, wn[j], wm[j], w2[j]);
+    for (int j = 1; j < kPlanarThreads / 32; ++j) {
+      chan_merge(n, mean, m2, wn[j], wm[j], w2[j]);
+      sum += ws[j];
+    }
     const int64_t o = int64_t(blockIdx.y) * C + c;
     pn[o] = n;
     pmean[o] = mean;
     pm2[o] = m2;
+    psum[o] = sum;
   }
 }
 
 // Per channel: merge partials (training) or read the running stats (eval); running-stat update;
 // save mean / invstd; fold scale / shift.  The partials are statistics of x - K, K = the
-// channel's first value, so that fp32 keeps full precision when |mean| >> std.
-template <typename T, typename P, typename A>
-__global__ void fold_kernel(const T* __restrict__ x, int64_t S, bool rows, const A* __restrict__ pn, const A* __restrict__ pmean, const A* __restrict__ pm2,
+// channel's first value, so that fp32 keeps full precision when |mean| >> std, and they are double
+// (W) for every input dtype: squared deviations of fp32/bf16 data beyond ~1e19 overflow float (torch's CPU
+// kernel accumulates in double as well; the Triton kernels do the same).  mean / invstd are computed in W,
+// then rounded: 1e30-scale data has var 1e60 (beyond float) and invstd 1e-30 (within).
+// Non-finite data (as torch's CPU kernel): the mean is the plain sum / count (+inf stays +inf), the variance NaN.
+template <typename T, typename P, typename A, typename W>
+__global__ void fold_kernel(const T* __restrict__ x, int64_t S, bool rows, const W* __restrict__ pn,
+                            const W* __restrict__ pmean, const W* __restrict__ pm2, const W* __restrict__ psum,
                             int64_t nprog, int64_t C, int64_t R, P* running_mean, P* running_var,
                             const P* __restrict__ weight, const P* __restrict__ bias, bool training, double momentum,
                             double eps, A* __restrict__ save_mean, A* __restrict__ save_invstd, A* __restrict__ scale,
@@ -152,20 +173,27 @@ __global__ void fold_kernel(const T* __restrict__ x, int64_t S, bool rows, const
     mean = A(0);
     invstd = A(0);
   } else if (training) {
-    A n = 0, m = 0, m2 = 0;
-    for (int64_t i = 0; i < nprog; ++i) chan_merge(n, m, m2, pn[i * C + c], pmean[i * C + c], pm2[i * C + c]);
-    const A var = m2 / A(R);
-    if (R > 0) m += A(to_acc(x[rows ? c : c * S]));
-    mean = m;
-    invstd = rsqrt_acc(var + A(eps));
+    W n = 0, m = 0, m2 = 0, total = 0;
+    for (int64_t i = 0; i < nprog; ++i) {
+      chan_merge(n, m, m2, pn[i * C + c], pmean[i * C + c], pm2[i * C + c]);
+      total += psum[i * C + c];
+    }
+    m += W(to_acc(x[rows ? c : c * S]));  // undo the shift
+    if (!(fabs(total) <= DBL_MAX)) {  // an input was inf / NaN (finite fp32 sums cannot overflow double)
+      m = total / W(R);
+      m2 = total - total;  // inf - inf or NaN: NaN
+    }
+    const W var = m2 / W(R);
+    mean = A(m);
+    invstd = A(W(1) / sqrt(var + W(eps)));
     if (running_mean != nullptr) {
-      const A mom = A(momentum);
-      running_mean[c] = from_acc<P>((A(1) - mom) * to_acc(running_mean[c]) + mom * m);
-      running_var[c] = from_acc<P>((A(1) - mom) * to_acc(running_var[c]) + mom * (m2 / A(R - 1)));
+      const W mom = W(momentum);
+      running_mean[c] = from_acc<P>(A((W(1) - mom) * W(to_acc(running_mean[c])) + mom * m));
+      running_var[c] = from_acc<P>(A((W(1) - mom) * W(to_acc(running_var[c])) + mom * (m2 / W(R - 1))));
     }
   } else {
     mean = to_acc(running_mean[c]);
-    invstd = rsqrt_acc(to_acc(running_var[c]) + A(eps));
+    invstd = A(W(1) / sqrt(W(to_acc(running_var[c])) + W(eps)));
   }
   const A w = weight != nullptr ? A(to_acc(weight[c])) : A(1);
   const A b = bias != nullptr ? A(to_acc(bias[c])) : A(0);
@@ -282,7 +310,7 @@ __global__ void bwd_final_kernel(const A* __restrict__ p1, const A* __restrict__
   const A a = w * is;
   k1[c] = a;
   k2[c] = training ? -a * sg / A(R) : A(0);
-  k3[c] = training ? -a * is * is * sgd / A(R) : A(0);
+  k3[c] = training ? -a * (is * sgd / A(R)) : A(0);  // times (x - mean) * invstd: in range at any data scale
 }
 
 template <typename T, typename P, typename A>
@@ -297,7 +325,7 @@ __global__ void bwd_dx_kernel(const T* __restrict__ dy, const T* __restrict__ x,
     const A xv = to_acc(x[i]);
     const A g = act_grad(fma_acc(xv, sc, sf), A(to_acc(dy[i])), slope);
     // evaluation: g * k1 only ((x - mean) * 0 would make an infinite x's finite gradient NaN)
-    dx[i] = from_acc<T>(training ? fma_acc(g, k1[c], fma_acc(xv - m, k3[c], k2[c])) : g * k1[c]);
+    dx[i] = from_acc<T>(training ? fma_acc(g, k1[c], fma_acc((xv - m) * invstd[c], k3[c], k2[c])) : g * k1[c]);
   }
 }
 
@@ -309,24 +337,26 @@ int elementwise_blocks(int64_t total) {
 template <typename T, typename P, typename A>
 cudaError_t forward_impl(const T* x, T* y, int64_t N, int64_t C, int64_t S, bool rows, P* rm, P* rv, const P* w,
                          const P* b, bool training, double momentum, double eps, double slope, A* save_mean,
-                         A* save_invstd, A* ws, cudaStream_t st) {
+                         A* save_invstd, void* ws, cudaStream_t st) {
   const int64_t R = N * S;
   const Plan p = make_plan(N, C, S, rows);
-  A* pn = ws;
-  A* pmean = pn + p.nprog * C;
-  A* pm2 = pmean + p.nprog * C;
-  A* scale = pm2 + p.nprog * C;
+  using W = double;  // the statistics (see fold_kernel)
+  W* pn = static_cast<W*>(ws);
+  W* pmean = pn + p.nprog * C;
+  W* pm2 = pmean + p.nprog * C;
+  W* psum = pm2 + p.nprog * C;
+  A* scale = reinterpret_cast<A*>(psum + p.nprog * C);
   A* shift = scale + C;
   if (training && R > 0) {
     if (rows) {
       dim3 grid(unsigned((C + kRowsTX - 1) / kRowsTX), unsigned(p.nprog));
-      stats_rows_kernel<T, A><<<grid, dim3(kRowsTX, kRowsTY), 0, st>>>(x, R, C, p.rows_per_prog, pn, pmean, pm2);
+      stats_rows_kernel<T, W><<<grid, dim3(kRowsTX, kRowsTY), 0, st>>>(x, R, C, p.rows_per_prog, pn, pmean, pm2, psum);
     } else {
       dim3 grid(unsigned(C), unsigned(p.nprog));
-      stats_planar_kernel<T, A><<<grid, kPlanarThreads, 0, st>>>(x, R, C, S, p.rows_per_prog, pn, pmean, pm2);
+      stats_planar_kernel<T, W><<<grid, kPlanarThreads, 0, st>>>(x, R, C, S, p.rows_per_prog, pn, pmean, pm2, psum);
     }
   }
-  fold_kernel<T, P, A><<<unsigned((C + 127) / 128), 128, 0, st>>>(x, S, rows, pn, pmean, pm2, training && R > 0 ? p.nprog : 0, C, R,
+  fold_kernel<T, P, A, W><<<unsigned((C + 127) / 128), 128, 0, st>>>(x, S, rows, pn, pmean, pm2, psum, training && R > 0 ? p.nprog : 0, C, R,
                                                               rm, rv, w, b, training, momentum, eps, save_mean,
                                                               save_invstd, scale, shift);
   const int64_t total = R * C;
@@ -338,10 +368,10 @@ cudaError_t forward_impl(const T* x, T* y, int64_t N, int64_t C, int64_t S, bool
 template <typename T, typename P, typename A>
 cudaError_t backward_impl(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S, bool rows, const P* w,
                           const P* b, const A* mean, const A* invstd, bool training, double slope, P* gw, P* gb,
-                          A* ws, cudaStream_t st) {
+                          void* ws, cudaStream_t st) {
   const int64_t R = N * S;
   const Plan p = make_plan(N, C, S, rows);
-  A* p1 = ws;
+  A* p1 = static_cast<A*>(ws);
   A* p2 = p1 + p.nprog * C;
   A* k1 = p2 + p.nprog * C;
   A* k2 = k1 + C;
@@ -374,7 +404,7 @@ namespace cuda {
 using bnr::make_plan;
 
 int64_t bnr_fwd_workspace(int64_t N, int64_t C, int64_t S, bool rows) {
-  return 3 * make_plan(N, C, S, rows).nprog * C + 2 * C;
+  return 4 * make_plan(N, C, S, rows).nprog * C + 2 * C;  // double partials; scale / shift (float or double)
 }
 int64_t bnr_bwd_workspace(int64_t N, int64_t C, int64_t S, bool rows) {
   return 2 * make_plan(N, C, S, rows).nprog * C + 3 * C;
@@ -384,7 +414,7 @@ int64_t bnr_bwd_workspace(int64_t N, int64_t C, int64_t S, bool rows) {
   return bnr::forward_impl<T, P, A>(static_cast<const T*>(x), static_cast<T*>(y), N, C, S, rows,                     \
                                static_cast<P*>(running_mean), static_cast<P*>(running_var),                     \
                                static_cast<const P*>(weight), static_cast<const P*>(bias), training, momentum, eps, \
-                               negative_slope, static_cast<A*>(save_mean), static_cast<A*>(save_invstd), static_cast<A*>(workspace), \
+                               negative_slope, static_cast<A*>(save_mean), static_cast<A*>(save_invstd), workspace, \
                                stream)
 
 cudaError_t bnr_forward(DType xt, DType pt, const void* x, void* y, int64_t N, int64_t C, int64_t S, bool rows,
@@ -404,7 +434,7 @@ cudaError_t bnr_forward(DType xt, DType pt, const void* x, void* y, int64_t N, i
   return bnr::backward_impl<T, P, A>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), N, C, S, \
                                 rows, static_cast<const P*>(weight), static_cast<const P*>(bias),                 \
                                 static_cast<const A*>(save_mean), static_cast<const A*>(save_invstd), training,    \
-                                negative_slope, static_cast<P*>(grad_weight), static_cast<P*>(grad_bias), static_cast<A*>(workspace), \
+                                negative_slope, static_cast<P*>(grad_weight), static_cast<P*>(grad_bias), workspace, \
                                 stream)
 
 cudaError_t bnr_backward(DType xt, DType pt, const void* dy, const void* x, void* dx, int64_t N, int64_t C,

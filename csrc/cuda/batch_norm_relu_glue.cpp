@@ -55,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_fwd_cuda(
   at::Tensor save_mean = new_empty({C}, x.options().dtype(acc_dt));
   at::Tensor save_invstd = new_empty({C}, x.options().dtype(acc_dt));
   if (C == 0) return {y, save_mean, save_invstd};  // no channels: nothing to launch (a 0-block grid is an error)
-  at::Tensor ws = at::empty({cuda::bnr_fwd_workspace(N, C, S, rows)}, x.options().dtype(acc_dt));
+  at::Tensor ws = at::empty({cuda::bnr_fwd_workspace(N, C, S, rows)}, x.options().dtype(at::kDouble));
   auto rm = contig(running_mean), rv = contig(running_var), w = contig(weight), b = contig(bias);
   at::ScalarType pdt = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   for (const auto* t : {&rm, &rv, &w, &b})
@@ -105,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_bwd_cuda(const at::Tensor& gr
   at::Tensor gw = new_empty({C}, x.options().dtype(pdt));
   at::Tensor gb = new_empty({C}, x.options().dtype(pdt));
   if (C == 0) return {dx, gw, gb};
-  at::Tensor ws = at::empty({cuda::bnr_bwd_workspace(N, C, S, rows)}, x.options().dtype(acc_dt));
+  at::Tensor ws = at::empty({cuda::bnr_bwd_workspace(N, C, S, rows)}, x.options().dtype(at::kDouble));
   at::Tensor sm = save_mean.contiguous(), si = save_invstd.contiguous();
   GANKERN_CUDA_CHECK("batch_norm_relu (cuda) backward",
                      cuda::bnr_backward(dtype_code(x.scalar_type()), dtype_code(pdt), dy.data_ptr(), x.data_ptr(),

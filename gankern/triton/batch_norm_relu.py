@@ -217,14 +217,14 @@ def _bnr_bwd_final(p1_ptr, p2_ptr, invstd_ptr, w_ptr, dw_ptr, db_ptr, k1_ptr, k2
     tl.store(k1_ptr + cc, a, mask=cmask)
     if TRAINING:
         tl.store(k2_ptr + cc, -a * sg / R, mask=cmask)
-        tl.store(k3_ptr + cc, -a * invstd * invstd * sgd / R, mask=cmask)
+        tl.store(k3_ptr + cc, -a * (invstd * sgd / R), mask=cmask)  # times (x - mean) * invstd (see _bnr_bwd_dx)
     else:
         tl.store(k2_ptr + cc, tl.zeros([BLOCK_C], dtype=tl.float32), mask=cmask)
         tl.store(k3_ptr + cc, tl.zeros([BLOCK_C], dtype=tl.float32), mask=cmask)
 
 
 @triton.jit
-def _bnr_bwd_dx(dy_ptr, x_ptr, dx_ptr, mean_ptr, scale_ptr, shift_ptr, k1_ptr, k2_ptr, k3_ptr, C, S, R, sN, sC, sS,
+def _bnr_bwd_dx(dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, k1_ptr, k2_ptr, k3_ptr, C, S, R, sN, sC, sS,
                 slope, TRAINING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     cc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -244,7 +244,9 @@ def _bnr_bwd_dx(dy_ptr, x_ptr, dx_ptr, mean_ptr, scale_ptr, shift_ptr, k1_ptr, k
     pre = tl.fma(x, scale, shift)
     g = _act_grad(pre, dy, slope)
     if TRAINING:
-        dx = g * k1 + ((x - mean) * k3 + k2)
+        # (x - mean) * invstd is O(1) at any data scale; the textbook -w invstd^3 sgd / M underflows fp32 at 1e30
+        invstd = tl.load(invstd_ptr + cc, mask=cmask, other=0.0)[None, :]
+        dx = g * k1 + (((x - mean) * invstd) * k3 + k2)
     else:  # k2 = k3 = 0: (x - mean) * 0 would turn an infinite x's finite gradient into NaN
         dx = g * k1
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
@@ -390,7 +392,7 @@ def backward(grad_out, input, weight, bias, mean, invstd, training, negative_slo
     _bnr_bwd_final[(triton.cdiv(C, _FOLD_BLOCK_C),)](
         p1, p2, invstd, w, dw, db, k1, k2, k3, C, R, n_prog,
         TRAINING=bool(training), BLOCK_C=_FOLD_BLOCK_C)
-    _bnr_bwd_dx[(n_cb, triton.cdiv(R, BLOCK_R))](dy, x, dx, mean, scale, shift, k1, k2, k3, C, S, R, sN, sC, sS,
+    _bnr_bwd_dx[(n_cb, triton.cdiv(R, BLOCK_R))](dy, x, dx, mean, invstd, scale, shift, k1, k2, k3, C, S, R, sN, sC, sS,
                                                   slope, TRAINING=bool(training), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
                                                   num_warps=_DX_NUM_WARPS)
     return dx, dw, db
@@ -456,7 +458,7 @@ def aot_specs():
             for training in (True, False):
                 specs.append(AotSpec(
                     f"batch_norm_relu_bwd_dx[{dt},{layout},training={training}]", _bnr_bwd_dx,
-                    {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "mean_ptr": "*fp32",
+                    {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "mean_ptr": "*fp32", "invstd_ptr": "*fp32",
                      "scale_ptr": "*fp32", "shift_ptr": "*fp32", "k1_ptr": "*fp32", "k2_ptr": "*fp32",
                      "k3_ptr": "*fp32", **strides, "slope": "fp32", "TRAINING": "constexpr", **cx},
                     {**blk, "TRAINING": training}, num_warps=_DX_NUM_WARPS))

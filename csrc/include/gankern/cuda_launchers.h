@@ -13,8 +13,8 @@ namespace cuda {
 // ---- batch_norm_relu (csrc/cuda/batch_norm_relu.cu) ----
 // The input is (N, C, S): rows == true means M = N*S rows of C contiguous channels ((N, C) and
 // channels-last), rows == false means contiguous N x C x S.  acc = float for fp32/fp16/bf16
-// inputs, double for fp64; pt = the params' dtype.
-// Elements of acc type the launchers need as scratch.
+// inputs, double for fp64 (the forward statistics are double for every dtype); pt = the params' dtype.
+// Elements of double the launchers need as scratch (8-byte aligned).
 int64_t bnr_fwd_workspace(int64_t N, int64_t C, int64_t S, bool rows);
 int64_t bnr_bwd_workspace(int64_t N, int64_t C, int64_t S, bool rows);
 // running_mean / running_var / weight / bias: contiguous (C,) of dtype pt, or nullptr.
