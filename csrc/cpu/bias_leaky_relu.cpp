@@ -49,28 +49,37 @@ void fwd_kernel(const T* __restrict x, const A* __restrict b, T* __restrict y, i
   });
 }
 
-// dx over one plane of n elements; returns its sum (when want_sum).
-template <typename T, typename A>
-A plane_bwd(const T* __restrict g, const T* __restrict y, T* __restrict dx, int64_t n, A slope, bool want_sum) {
+// dx over one plane of n elements (DX) and its sum (SUM): branch-free straight-line loops the compiler
+// vectorizes (a `dx != nullptr` test inside the loop kept it scalar, with a mispredicted branch per element of
+// random sign: 3.7 ns per element, 5x eager, at 64x128x16x16).
+template <typename T, typename A, bool DX, bool SUM>
+A plane_bwd_impl(const T* __restrict g, const T* __restrict y, T* __restrict dx, int64_t n, A slope) {
   constexpr int L = 16;
   A s[L] = {};
   int64_t i = 0;
   for (; i + L <= n; i += L) {
     for (int j = 0; j < L; ++j) {
-      const A v = bias_leaky_relu_grad<A>(static_cast<A>(g[i + j]), static_cast<A>(y[i + j]), slope);
-      if (dx != nullptr) dx[i + j] = static_cast<T>(v);
-      s[j] += v;
+      const A gv = static_cast<A>(g[i + j]);
+      const A v = static_cast<A>(y[i + j]) > A(0) ? gv : gv * slope;
+      if constexpr (DX) dx[i + j] = static_cast<T>(v);
+      if constexpr (SUM) s[j] += v;
     }
   }
   for (int j = 0; i < n; ++i, ++j) {
     const A v = bias_leaky_relu_grad<A>(static_cast<A>(g[i]), static_cast<A>(y[i]), slope);
-    if (dx != nullptr) dx[i] = static_cast<T>(v);
-    s[j] += v;
+    if constexpr (DX) dx[i] = static_cast<T>(v);
+    if constexpr (SUM) s[j] += v;
   }
-  if (!want_sum) return A(0);
   A t = 0;
   for (int j = 0; j < L; ++j) t += s[j];
   return t;
+}
+
+template <typename T, typename A>
+A plane_bwd(const T* __restrict g, const T* __restrict y, T* __restrict dx, int64_t n, A slope, bool want_sum) {
+  if (dx != nullptr)
+    return want_sum ? plane_bwd_impl<T, A, true, true>(g, y, dx, n, slope) : plane_bwd_impl<T, A, true, false>(g, y, dx, n, slope);
+  return want_sum ? plane_bwd_impl<T, A, false, true>(g, y, dx, n, slope) : A(0);
 }
 
 // dx (may be nullptr) and the bias gradient db (may be nullptr), A = float or double.
