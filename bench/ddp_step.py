@@ -21,6 +21,7 @@ Output: a table, and JSON in bench/results/ddp_step.json.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import socket
@@ -42,7 +43,8 @@ def worker(mode, rank, world, port, steps, chunks):
     from gankern.gan.config import TrainConfig
     from gankern.gan.step import make_optimizers, make_train_step
     if mode != "single":
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=120))  # a stuck rank: an error, not a hang
     bn_time = [0.0, 0]
     if mode == "ddp":
         orig = dist.all_reduce
@@ -121,9 +123,12 @@ def launch(mode, steps, chunks):
     world = 1 if mode == "single" else 2
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="2" if mode == "single" else "1")
+    # only rank 0's output is read (RESULT): a second pipe read after rank 0 finishes could fill up and block
+    # rank 1 while rank 0 waits for it in a collective
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", mode, str(r), str(world), str(port), str(steps),
-                               str(chunks)], env=env, stdout=subprocess.PIPE, text=True) for r in range(world)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+                               str(chunks)], env=env, stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL,
+                              text=True) for r in range(world)]
+    outs = [p.communicate(timeout=600)[0] or "" for p in procs]
     line = [ln for ln in outs[0].splitlines() if ln.startswith("RESULT ")]
     if not line or any(p.returncode for p in procs):
         raise SystemExit(f"{mode} failed: {outs}")
