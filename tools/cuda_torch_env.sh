@@ -23,7 +23,7 @@ t0=$SECONDS
 say() { echo "[cuda-torch $ver] $*" >&2; }
 
 deps=("scikit-build-core>=0.10" ninja "pybind11>=2.12" scikit-learn matplotlib pillow tqdm pytest pytest-benchmark
-      hypothesis)
+      pytest-xdist hypothesis)
 # Triton 3.6 (torch 2.11's) interprets kernels with numpy APIs that numpy 2.4 removed (see README "Supported versions")
 case "$ver" in 2.11.*) deps+=("numpy<2.4") ;; *) deps+=(numpy) ;; esac
 stamp="$venv/.gankern-deps-$(printf '%s\n' "${deps[@]}" | cksum | cut -d' ' -f1)"
