@@ -70,6 +70,22 @@ void bnr_check_args(const at::Tensor& input, const std::optional<at::Tensor>& ru
                     "batch_norm_leaky_relu: negative_slope must be a finite float >= 0, got ", negative_slope);
 }
 
+void bnr_check_bwd_args(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& save_mean,
+                        const at::Tensor& save_invstd, double negative_slope) {
+  TORCH_CHECK(input.dim() >= 2, "batch_norm_relu backward: input must have at least 2 dimensions");
+  TORCH_CHECK_VALUE(negative_slope >= 0 && std::isfinite(negative_slope),
+                    "batch_norm_leaky_relu: negative_slope must be a finite float >= 0, got ", negative_slope);
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "batch_norm_relu backward: grad_out must have the input's shape ",
+              input.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "batch_norm_relu backward: grad_out must have dtype ",
+              input.scalar_type(), ", got ", grad_out.scalar_type());
+  const int64_t C = input.size(1);
+  const auto acc_dt = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(save_mean.numel() == C && save_invstd.numel() == C && save_mean.scalar_type() == acc_dt &&
+                  save_invstd.scalar_type() == acc_dt,
+              "batch_norm_relu backward: save_mean/save_invstd must be ", acc_dt, " tensors of ", C, " elements");
+}
+
 namespace {
 
 using torch::autograd::AutogradContext;

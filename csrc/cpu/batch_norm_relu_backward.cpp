@@ -326,19 +326,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_bwd_cpu(const at::Tensor& gra
                                                            const at::Tensor& save_mean,
                                                            const at::Tensor& save_invstd, bool training,
                                                            double negative_slope) {
-  TORCH_CHECK(input.dim() >= 2, "batch_norm_relu backward: input must have at least 2 dimensions");
-  TORCH_CHECK_VALUE(negative_slope >= 0 && std::isfinite(negative_slope),
-                    "batch_norm_leaky_relu: negative_slope must be a finite float >= 0, got ", negative_slope);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), "batch_norm_relu backward: grad_out must have the input's shape ",
-              input.sizes(), ", got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "batch_norm_relu backward: grad_out must have dtype ",
-              input.scalar_type(), ", got ", grad_out.scalar_type());
+  bnr_check_bwd_args(grad_out, input, save_mean, save_invstd, negative_slope);
   Shape sh;
   at::Tensor x = prepare(input, sh);
   const auto acc_dt = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(save_mean.numel() == sh.C && save_invstd.numel() == sh.C && save_mean.scalar_type() == acc_dt &&
-                  save_invstd.scalar_type() == acc_dt,
-              "batch_norm_relu backward: save_mean/save_invstd must be ", acc_dt, " tensors of ", sh.C, " elements");
   at::Tensor dy = match_layout(grad_out, x);
   at::Tensor dx = new_empty_like(x);
   at::ScalarType pdt = acc_dt;

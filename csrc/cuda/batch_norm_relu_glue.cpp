@@ -82,20 +82,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bnr_bwd_cuda(const at::Tensor& gr
                                                             double negative_slope) {
   // a user error, not an invariant: the CUDA kernel runs when any one tensor is on CUDA
   TORCH_CHECK(input.is_cuda() && grad_out.is_cuda(), "batch_norm_relu (cuda) backward: tensors must be on CUDA");
-  TORCH_CHECK_VALUE(negative_slope >= 0 && std::isfinite(negative_slope),
-                    "batch_norm_leaky_relu: negative_slope must be a finite float >= 0, got ", negative_slope);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), "batch_norm_relu backward: grad_out must have the input's shape ",
-              input.sizes(), ", got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "batch_norm_relu backward: grad_out must have dtype ",
-              input.scalar_type(), ", got ", grad_out.scalar_type());
+  bnr_check_bwd_args(grad_out, input, save_mean, save_invstd, negative_slope);
   const c10::cuda::CUDAGuard guard(input.device());
   int64_t N, C, S;
   bool rows;
   at::Tensor x = prepare(input, N, C, S, rows);
   const auto acc_dt = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(save_mean.numel() == C && save_invstd.numel() == C && save_mean.scalar_type() == acc_dt &&
-                  save_invstd.scalar_type() == acc_dt,
-              "batch_norm_relu backward: save_mean/save_invstd must be ", acc_dt, " tensors of ", C, " elements");
   at::Tensor dy = x.is_contiguous() ? grad_out.contiguous()
                                     : grad_out.contiguous(x.dim() == 4 ? at::MemoryFormat::ChannelsLast
                                                                        : at::MemoryFormat::ChannelsLast3d);

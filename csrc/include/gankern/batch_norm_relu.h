@@ -80,5 +80,9 @@ void bnr_check_args(const at::Tensor& input, const std::optional<at::Tensor>& ru
                     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
                     const std::optional<at::Tensor>& bias, bool training, double momentum, double eps,
                     double negative_slope);
+// Checks of the internal backward's own arguments (both kernels call it: the op is callable on its own); C = the
+// input's channel count.
+void bnr_check_bwd_args(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& save_mean,
+                        const at::Tensor& save_invstd, double negative_slope);
 }  // namespace gankern
 #endif
