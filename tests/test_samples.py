@@ -12,26 +12,16 @@ from tolerances import COMPILED_FP32, COMPILED_GRAD_FP32, assert_close
 OP_NAMES = list(OPS)
 
 
-def _ids(samples):
-    return [s.name for s in samples]
-
-
-def _run(spec, sample, dtype, device, backend=None, reference=False, fn=None):
+def _run(spec, sample, dtype, device, fn, g=None, reference=False):
+    """(output, gradients of the differentiable leaves, in-place updated arguments, g): ``fn(*args)`` on the
+    sample built for (dtype, device) -- in float64 when ``reference`` --; the output's gradient ``g`` is drawn
+    when not given (in the output's dtype, so the reference sees the same values)."""
     leaves, args = spec.build(sample, dtype, device, reference)
-    if reference:
-        y = spec.ref(*args)
-    else:
-        y = (fn or spec.fn)(*args, backend=backend)
-    g = torch.randn(y.shape, device=device).to(y.dtype) if y.requires_grad else None  # the same g for the reference
-    grads = torch.autograd.grad(y, leaves, g) if g is not None and leaves else ()
-    return y, grads, spec.outs(sample, args), g
-
-
-def _rerun_with(g, spec, sample, dtype, device, **kw):
-    leaves, args = spec.build(sample, dtype, device, kw.pop("reference", False))
-    y = spec.ref(*args) if not kw else kw["fn"](*args, backend=kw.get("backend"))
+    y = fn(*args)
+    if g is None and y.requires_grad:
+        g = torch.randn(y.shape, device=device).to(y.dtype)
     grads = torch.autograd.grad(y, leaves, g.to(y.dtype)) if g is not None and leaves else ()
-    return y, grads, spec.outs(sample, args)
+    return y, grads, spec.outs(sample, args), g
 
 
 @pytest.mark.parametrize("dtype", ALL, ids=str)
@@ -49,8 +39,8 @@ def test_vs_float64(op, device, backend, dtype):
     if backend == "triton" and device == "cpu" and dtype != torch.float32:
         pytest.skip("the Triton interpreter: float32 only here (every dtype runs on a device)")
     for sample in spec.samples(device, dtype):
-        y, grads, outs, g = _run(spec, sample, dtype, device, backend)
-        ye, grads_e, outs_e = _rerun_with(g, spec, sample, dtype, device, reference=True)
+        y, grads, outs, g = _run(spec, sample, dtype, device, lambda *a: spec.fn(*a, backend=backend))
+        ye, grads_e, outs_e, _ = _run(spec, sample, dtype, device, spec.ref, g, reference=True)
         where = f"{op} [{sample.name}]"
         assert y.dtype == dtype, where
         assert_close(y, ye, dtype, scale=sample.scale, name=f"{where} output")
@@ -84,8 +74,8 @@ def test_compile_fullgraph_matches_eager(op):
     for sample in spec.samples("cpu", torch.float32):
         torch._dynamo.reset()  # one graph per sample (their shapes, layouts and constants differ)
         compiled = torch.compile(lambda *a: spec.fn(*a, backend="cpp"), fullgraph=True, backend="aot_eager")
-        y, grads, outs, g = _run(spec, sample, torch.float32, "cpu", "cpp")
-        yc, grads_c, outs_c = _rerun_with(g, spec, sample, torch.float32, "cpu", fn=lambda *a, backend: compiled(*a))
+        y, grads, outs, g = _run(spec, sample, torch.float32, "cpu", lambda *a: spec.fn(*a, backend="cpp"))
+        yc, grads_c, outs_c, _ = _run(spec, sample, torch.float32, "cpu", compiled, g)
         torch.testing.assert_close(yc, y, equal_nan=True, **COMPILED_FP32, msg=lambda m: f"{sample.name}: {m}")
         for a, e in zip(outs_c, outs):
             torch.testing.assert_close(a, e, **COMPILED_FP32)
