@@ -10,6 +10,7 @@ the op's schema (for ``torch.library.opcheck``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Optional
 
 import torch
@@ -84,10 +85,10 @@ class OpSpec:
 
 
 def _r(*shape, lo=None, hi=None, scale=1.0, shift=0.0):
-    t = torch.randn(*shape, dtype=torch.float64) * scale + shift
+    """float64 values: uniform in [lo, hi) when lo is given, else normal * scale + shift."""
     if lo is not None:
-        t = torch.rand(*shape, dtype=torch.float64) * (hi - lo) + lo
-    return t
+        return torch.rand(*shape, dtype=torch.float64) * (hi - lo) + lo
+    return torch.randn(*shape, dtype=torch.float64) * scale + shift
 
 
 def _big(device):
@@ -134,7 +135,7 @@ def _bn_samples(device, dtype):
     for i, (shape, view, what) in enumerate(shapes):
         C = shape[1]
         training, slope = (i % 2 == 0), (0.0 if i % 3 else 0.2)
-        n = max(1, (shape[0] * (int(torch.tensor(shape[2:]).prod()) if len(shape) > 2 else 1)))
+        n = max(1, math.prod(shape[:1] + shape[2:]))  # values per channel
         stats = [Arg(_r(C), dtype=pdt, out=True), Arg(_r(C, lo=0.5, hi=1.5), dtype=pdt, out=True)]
         params = [*stats, Arg(_r(C, lo=0.5, hi=1.5), dtype=pdt, grad=True), Arg(_r(C), dtype=pdt, grad=True)]
         if C == 0:  # torch's batch_norm takes no (0,) parameters (IndexError); the op with none gives an empty output
@@ -170,7 +171,7 @@ def _blr_samples(device, dtype):
                                           ((7, 13, 5, 3), None, 1, 0.2, "NCHW"), ((4, 6, 3, 3), cl, 1, 0.2, "channels-last"),
                                           ((127, 5), None, 1, 0.0, "2-D"), ((3, 8, 4), lambda t: t[:, ::2], 1, 0.2, "step"),
                                           ((2, 3, 5), None, -1, 0.2, "dim=-1"), ((5, 4), None, 1, 1.0, "slope 1")]:
-        C = shape[dim] if view is None or what != "step" else shape[1] // 2
+        C = (view or (lambda t: t))(torch.empty(shape)).shape[dim]  # channels after the view
         out.append(Sample(f"{what} {shape} dim={dim} slope={slope}",
                           [Arg(_r(*shape), view or (lambda t: t), grad=True), Arg(_r(C), grad=True), slope, dim],
                           grad_scale=max(1.0, (max(1, torch.Size(shape).numel()) / max(C, 1)) ** 0.5 / 4)))

@@ -86,7 +86,9 @@ void stats_chunk_exact(const T* __restrict x, int64_t C, int64_t r_begin, int64_
       double tm = double(bm[j]) + corr * inv;
       double t2 = std::max(0.0, double(bq[j]) - corr * corr * inv);
       double ts = double(bs[j]);
-      if (!std::isfinite(ts) || !std::isfinite(t2)) tile_stats_double(p0 + j, C, cnt, ts, tm, t2);
+      // the raw float sums decide (t2 is clamped by std::max, which turns an inf - inf NaN into 0)
+      if (!std::isfinite(ts) || !std::isfinite(corr) || !std::isfinite(double(bq[j])))
+        tile_stats_double(p0 + j, C, cnt, ts, tm, t2);
       if (n_acc == 0) {
         am[j] = tm;
         a2[j] = t2;
@@ -333,7 +335,7 @@ void planar_task_exact(const T* x, int64_t C, int64_t S, int64_t c, int64_t n_be
       });
     const double corr = double(PV::hsum(sd)), q = double(PV::hsum(sq));
     double tm = double(m) + corr / cnt, t2 = std::max(0.0, q - corr * corr / cnt), ts = tsum;
-    if (!std::isfinite(ts) || !std::isfinite(t2)) {  // see tile_stats_double; the tile's segments in turn
+    if (!std::isfinite(ts) || !std::isfinite(corr) || !std::isfinite(q)) {  // see tile_stats_double; segment by segment
       double n_t = 0;
       ts = tm = t2 = 0;
       for (int64_t n = n0; n < n1; ++n) {

@@ -59,8 +59,7 @@ A plane_bwd_impl(const T* __restrict g, const T* __restrict y, T* __restrict dx,
   int64_t i = 0;
   for (; i + L <= n; i += L) {
     for (int j = 0; j < L; ++j) {
-      const A gv = static_cast<A>(g[i + j]);
-      const A v = static_cast<A>(y[i + j]) > A(0) ? gv : gv * slope;
+      const A v = bias_leaky_relu_grad<A>(static_cast<A>(g[i + j]), static_cast<A>(y[i + j]), slope);
       if constexpr (DX) dx[i + j] = static_cast<T>(v);
       if constexpr (SUM) s[j] += v;
     }
